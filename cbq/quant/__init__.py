@@ -1,0 +1,33 @@
+"""Quantizers and the quantized linear layer."""
+
+from cbq.quant.qlinear import (
+    QuantLinear,
+    observing_activations,
+    quant_linears,
+    unwrap_block,
+    wrap_block,
+)
+from cbq.quant.quantizer import (
+    ActQuantizer,
+    Granularity,
+    QuantSpec,
+    WeightQuantizer,
+    fake_quant,
+    minmax_params,
+    round_ste,
+)
+
+__all__ = [
+    "ActQuantizer",
+    "Granularity",
+    "QuantLinear",
+    "QuantSpec",
+    "WeightQuantizer",
+    "fake_quant",
+    "minmax_params",
+    "observing_activations",
+    "quant_linears",
+    "round_ste",
+    "unwrap_block",
+    "wrap_block",
+]

@@ -1,0 +1,124 @@
+"""``QuantLinear``: an ``nn.Linear`` with a weight quantizer and an input quantizer.
+
+The wrapped linear keeps its FP weight; the fake-quantized weight is computed on the fly
+(so step sizes and rounding variables can be learned) until :meth:`QuantLinear.materialize`
+writes it into the linear once and for all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from cbq.quant.quantizer import ActQuantizer, QuantSpec, WeightQuantizer
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec):
+        super().__init__()
+        self.linear = linear
+        self.weight_quantizer = WeightQuantizer(weight_spec, linear.weight)
+        self.act_quantizer = ActQuantizer(act_spec)
+        # Optional module returning soft rounding offsets for the weight (LoRA-Rounding).
+        self.rounding: nn.Module | None = None
+        self.weight_materialized = False
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.weight_materialized:
+            return self.linear.weight
+        offsets = self.rounding() if self.rounding is not None else None
+        return self.weight_quantizer(self.linear.weight, offsets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act_quantizer(x)
+        if self.act_quantizer.observing:
+            return self.linear(x)
+        return nn.functional.linear(x, self.quantized_weight(), self.linear.bias)
+
+    @torch.no_grad()
+    def materialize(self) -> None:
+        """Write the fake-quantized weight into the linear; later forwards skip weight quant."""
+        if self.weight_materialized:
+            return
+        self.linear.weight.data.copy_(self.quantized_weight())
+        self.rounding = None
+        self.weight_materialized = True
+
+    def extra_repr(self) -> str:
+        w, a = self.weight_quantizer.spec, self.act_quantizer.spec
+        return (
+            f"w{w.bits} {w.granularity.value}{'' if w.group_size is None else w.group_size}, "
+            f"a{a.bits} {a.granularity.value}{' dynamic' if a.dynamic else ''}"
+        )
+
+
+def quant_linears(module: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
+    for name, child in module.named_modules():
+        if isinstance(child, QuantLinear):
+            yield name, child
+
+
+def wrap_block(
+    block: nn.Module, names: list[str], weight_spec: QuantSpec, act_spec: QuantSpec
+) -> dict[str, QuantLinear]:
+    """Replace the named linears of ``block`` by ``QuantLinear`` wrappers (idempotent)."""
+    wrapped = {}
+    for name in names:
+        current = block.get_submodule(name)
+        if isinstance(current, QuantLinear):
+            wrapped[name] = current
+            continue
+        if not isinstance(current, nn.Linear):
+            raise TypeError(f"{name} is a {type(current).__name__}, not nn.Linear")
+        wrapped[name] = QuantLinear(current, weight_spec, act_spec)
+        _set_submodule(block, name, wrapped[name])
+    return wrapped
+
+
+def unwrap_block(block: nn.Module) -> None:
+    """Put the plain linears back (with whatever weights they hold now)."""
+    for name, qlinear in list(quant_linears(block)):
+        _set_submodule(block, name, qlinear.linear)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child_name, module)
+
+
+@contextmanager
+def observing_activations(module: nn.Module) -> Iterator[list[ActQuantizer]]:
+    """Within the block, static activation quantizers record ranges and pass inputs through."""
+    quantizers = [
+        q.act_quantizer for _, q in quant_linears(module) if q.act_quantizer.needs_calibration
+    ]
+    for quantizer in quantizers:
+        quantizer.observing = True
+    try:
+        yield quantizers
+    except BaseException:
+        for quantizer in quantizers:
+            quantizer.observing = False
+        raise
+    for quantizer in quantizers:
+        quantizer.finish_observation()

@@ -1,0 +1,216 @@
+"""Uniform affine fake-quantization with learnable step size and zero point (LSQ).
+
+``Q(x) = s * (clamp(round(x / s) + z, 0, 2^b - 1) - z)``
+
+Rounding uses a straight-through estimator, so gradients reach ``s`` and ``z`` exactly as
+in LSQ (Esser et al., 2019): inside the range ``dQ/ds = round(x/s) - x/s``, outside it
+``qmin - z`` or ``qmax - z``. Symmetric quantizers fix ``z = 2^(b-1)``, which is the signed
+grid ``[-2^(b-1), 2^(b-1) - 1]``.
+
+Ranges include zero (as in the GPTQ reference), so zero is exactly representable and a
+partial last group can be padded with zeros without changing its statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+FULL_PRECISION_BITS = 16
+
+
+class Granularity(str, Enum):
+    per_tensor = "per_tensor"
+    per_channel = "per_channel"
+    per_group = "per_group"
+    per_token = "per_token"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What one quantizer does; ``bits >= 16`` means no quantization."""
+
+    bits: int = FULL_PRECISION_BITS
+    symmetric: bool = False
+    granularity: Granularity = Granularity.per_tensor
+    group_size: int | None = None
+    dynamic: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < FULL_PRECISION_BITS
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest in the forward pass, identity gradient in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    return (x.floor() - x).detach() + x
+
+
+def fake_quant(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    qmax: int,
+    rounding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with broadcastable ``scale`` and (float) ``zero``.
+
+    ``rounding`` replaces round-to-nearest by ``floor(x/s) + rounding`` (AdaRound-style
+    soft rounding offsets in [0, 1]).
+    """
+    scaled = x / scale
+    integer = round_ste(scaled) if rounding is None else floor_ste(scaled) + rounding
+    zero = round_ste(zero)
+    return (torch.clamp(integer + zero, 0, qmax) - zero) * scale
+
+
+def minmax_params(
+    low: torch.Tensor, high: torch.Tensor, spec: QuantSpec, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step size and zero point covering ``[min(low, 0), max(high, 0)]``."""
+    low = torch.clamp(low, max=0.0)
+    high = torch.clamp(high, min=0.0)
+    if spec.symmetric:
+        half = 2 ** (spec.bits - 1)
+        scale = torch.maximum(-low, high) / (half - 1)
+        scale = torch.clamp(scale, min=eps)
+        return scale, torch.full_like(scale, float(half))
+    scale = torch.clamp((high - low) / spec.qmax, min=eps)
+    return scale, torch.round(-low / scale)
+
+
+class WeightQuantizer(nn.Module):
+    """Static weight quantizer: per-tensor, per-output-channel or per-group of inputs.
+
+    Parameters are kept per row and group, shaped ``(rows, groups)``; a partial last group
+    (input width not a multiple of the group size) gets its own step size.
+    """
+
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor, clip_ratio: float = 1.0):
+        super().__init__()
+        if spec.granularity is Granularity.per_token:
+            raise ValueError("per_token granularity is for activations, not weights")
+        self.spec = spec
+        self.clip_ratio = clip_ratio
+        self.in_features = weight.shape[-1]
+        scale, zero = self._initial_params(weight.detach())
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.zero = nn.Parameter(zero, requires_grad=False)
+
+    @property
+    def group_size(self) -> int:
+        if self.spec.granularity is Granularity.per_group:
+            assert self.spec.group_size is not None
+            return self.spec.group_size
+        return self.in_features
+
+    def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
+        """View ``(rows, in)`` as ``(rows, groups, group_size)``, zero-padding the last group."""
+        rows = 1 if self.spec.granularity is Granularity.per_tensor else weight.shape[0]
+        flat = weight.reshape(rows, -1)
+        size = flat.shape[1] if self.spec.granularity is Granularity.per_tensor else self.group_size
+        pad = (-flat.shape[1]) % size
+        if pad:
+            flat = nn.functional.pad(flat, (0, pad))
+        return flat.reshape(rows, -1, size)
+
+    def _initial_params(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grouped = self._grouped(weight.float())
+        low = grouped.amin(dim=-1) * self.clip_ratio
+        high = grouped.amax(dim=-1) * self.clip_ratio
+        return minmax_params(low, high, self.spec)
+
+    def reset(self, weight: torch.Tensor) -> None:
+        """Recompute min-max step sizes from ``weight`` (keeps the parameters' identity)."""
+        scale, zero = self._initial_params(weight.detach())
+        self.scale.data.copy_(scale)
+        self.zero.data.copy_(zero)
+
+    def expand(self, param: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Broadcast a ``(rows, groups)`` parameter to the weight's shape."""
+        if self.spec.granularity is Granularity.per_tensor:
+            return param.reshape(1, 1)
+        per_column = param.repeat_interleave(self.group_size, dim=1)[:, : weight.shape[-1]]
+        return per_column
+
+    def forward(self, weight: torch.Tensor, rounding: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.spec.enabled:
+            return weight
+        scale = self.expand(self.scale, weight).to(weight.dtype)
+        zero = self.expand(self.zero, weight).to(weight.dtype)
+        return fake_quant(weight, scale, zero, self.spec.qmax, rounding)
+
+    def integers(self, weight: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``weight`` in ``[0, 2^b - 1]`` (round to nearest)."""
+        scale = self.expand(self.scale, weight)
+        zero = self.expand(self.zero, weight).round()
+        return torch.clamp(torch.round(weight / scale) + zero, 0, self.spec.qmax).to(torch.int32)
+
+
+class ActQuantizer(nn.Module):
+    """Input-activation quantizer: per-tensor or per-token, static or dynamic.
+
+    A static quantizer must observe calibration data first (``observe()`` context, then
+    ``finish_observation()``); its step size is then a parameter that methods may learn.
+    """
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        if spec.enabled and spec.granularity not in (Granularity.per_tensor, Granularity.per_token):
+            raise ValueError(f"activation granularity must be per_tensor or per_token, got {spec}")
+        if spec.enabled and spec.granularity is Granularity.per_token and not spec.dynamic:
+            raise ValueError("per_token activation quantization must be dynamic")
+        self.spec = spec
+        self.scale = nn.Parameter(torch.ones(()), requires_grad=False)
+        self.zero = nn.Parameter(torch.zeros(()), requires_grad=False)
+        self.observing = False
+        self.calibrated = False
+        self.register_buffer("observed_low", torch.full((), math.inf), persistent=False)
+        self.register_buffer("observed_high", torch.full((), -math.inf), persistent=False)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.spec.enabled and not self.spec.dynamic
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.spec.enabled:
+            return x
+        if self.observing:
+            self.observed_low = torch.minimum(self.observed_low, x.detach().amin().float())
+            self.observed_high = torch.maximum(self.observed_high, x.detach().amax().float())
+            return x
+        if self.spec.dynamic:
+            return self._dynamic(x)
+        if not self.calibrated:
+            raise RuntimeError("static activation quantizer used before calibration")
+        return fake_quant(x, self.scale.to(x.dtype), self.zero.to(x.dtype), self.spec.qmax)
+
+    def _dynamic(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.granularity is Granularity.per_token:
+            low, high = x.detach().amin(-1, keepdim=True), x.detach().amax(-1, keepdim=True)
+        else:
+            low, high = x.detach().amin(), x.detach().amax()
+        scale, zero = minmax_params(low.float(), high.float(), self.spec)
+        return fake_quant(x, scale.to(x.dtype), zero.to(x.dtype), self.spec.qmax)
+
+    def finish_observation(self) -> None:
+        """Turn the observed range into the static step size and zero point."""
+        if not torch.isfinite(self.observed_low):
+            raise RuntimeError("no calibration data reached this activation quantizer")
+        scale, zero = minmax_params(self.observed_low, self.observed_high, self.spec)
+        self.scale.data.copy_(scale)
+        self.zero.data.copy_(zero)
+        self.observing = False
+        self.calibrated = True

@@ -1,0 +1,135 @@
+"""The run record: metrics, config, phase timings, memory and provenance -> results.json.
+
+The file is written atomically (temporary file + rename), so a reader never sees half a
+record, and rewritten after every phase, so an interrupted run still leaves what it did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_FILE = "results.json"
+TRACKED_PACKAGES = ("cbq", "torch", "transformers", "lm-eval", "hydra-core", "datasets", "wandb")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def git_state(repo: Path | None = None) -> dict[str, Any]:
+    """Commit and dirtiness of the cbq checkout; nulls outside a git checkout."""
+    repo = repo or Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            result = subprocess.run(
+                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {"sha": sha, "dirty": bool(status) if status is not None else None}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+class RunRecord:
+    """Accumulates one run's results and keeps ``results.json`` up to date."""
+
+    def __init__(
+        self, run_dir: Path, config: dict[str, Any], seed: int, calibration: dict[str, Any]
+    ):
+        self.path = run_dir / RESULTS_FILE
+        self.payload: dict[str, Any] = {
+            "status": "running",
+            "metrics": {},
+            "stats": {},
+            "timing_s": {},
+            "memory": {},
+            "seed": seed,
+            "calibration": calibration,
+            "versions": package_versions(),
+            "git": git_state(),
+            "host": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
+            "config": config,
+        }
+        self.save()
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.payload["metrics"]
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase (model load, calibration, quantization, eval) and save afterwards."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.payload["timing_s"][name] = round(time.perf_counter() - start, 3)
+            self._update_memory()
+            self.save()
+
+    def add_metrics(self, metrics: dict[str, float]) -> None:
+        self.metrics.update(metrics)
+        self.save()
+
+    def add_stats(self, stats: dict[str, Any]) -> None:
+        self.payload["stats"].update(stats)
+        self.save()
+
+    def finish(self, status: str = "finished", error: str | None = None) -> None:
+        self.payload["status"] = status
+        if error:
+            self.payload["error"] = error
+        self.payload["timing_s"]["total"] = round(
+            sum(v for k, v in self.payload["timing_s"].items() if k != "total"), 3
+        )
+        self._update_memory()
+        self.save()
+
+    def _update_memory(self) -> None:
+        memory = self.payload["memory"]
+        memory["peak_rss_mib"] = round(peak_rss_mib(), 1)
+        if torch.cuda.is_available():
+            memory["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.payload)

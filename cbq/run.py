@@ -1,0 +1,149 @@
+"""The run entry point: ``python -m cbq [overrides]`` (``-m`` for sweeps).
+
+load model -> draw calibration data -> quantize (method) -> evaluate -> results.json + W&B
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from cbq.config import Config, ConfigError, Device, register_configs, validate
+from cbq.data import calibration_batch, evaluation_windows, metric_name
+from cbq.eval import perplexity
+from cbq.methods import RunContext, build_method
+from cbq.models import adapter_for, load_model
+from cbq.results import RunRecord
+from cbq.tracking import Tracker
+
+log = logging.getLogger("cbq")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device is Device.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise RuntimeError(
+            "device: cuda was asked for but torch sees no CUDA device; use auto or cpu"
+        )
+    return torch.device(device.value)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_name(cfg: Config) -> str:
+    return f"{cfg.model.name}-{cfg.quant.name}-{cfg.method['name']}"
+
+
+def calibration_record(cfg: Config, used: bool) -> dict[str, Any]:
+    if not used:
+        return {"corpus": None, "reason": f"method {cfg.method['name']} draws no calibration data"}
+    data = cfg.data
+    return {
+        "corpus": data.calib,
+        "n_samples": data.n_samples,
+        "seqlen": data.seqlen,
+        "seed": data.seed,
+    }
+
+
+def run(raw_cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """One quantization run; returns its metrics. Validates everything before loading."""
+    cfg = validate(raw_cfg)
+    method = build_method(cfg.method, cfg.quant)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    record = RunRecord(
+        run_dir, resolved, cfg.seed, calibration_record(cfg, method.needs_calibration)
+    )
+    tracker = Tracker(cfg.logger, run_dir, resolved, run_name(cfg))
+    try:
+        _execute(cfg, method, device, run_dir, record, tracker)
+    except BaseException as error:
+        record.finish("failed", f"{type(error).__name__}: {error}")
+        tracker.finish(exit_code=1)
+        raise
+    record.finish()
+    tracker.summary(
+        {**record.metrics, **{f"time/{k}": v for k, v in record.payload["timing_s"].items()}}
+    )
+    tracker.summary({f"memory/{k}": v for k, v in record.payload["memory"].items()})
+    tracker.finish()
+    log.info("results: %s", record.path)
+    return record.metrics
+
+
+def _execute(
+    cfg: Config, method, device: torch.device, run_dir: Path, record: RunRecord, tracker: Tracker
+) -> None:
+    dtype = getattr(torch, cfg.dtype.value)
+    with record.phase("load_model"):
+        model, tokenizer = load_model(
+            cfg.model.name,
+            cfg.model.path,
+            cache_dir=Path(cfg.model.cache_dir).expanduser(),
+            dtype=dtype,
+            device=str(device),
+        )
+        adapter = adapter_for(model)
+    calib = None
+    if method.needs_calibration:
+        with record.phase("calibration_data"):
+            calib = calibration_batch(
+                cfg.data.calib,
+                tokenizer,
+                n_samples=cfg.data.n_samples,
+                seqlen=cfg.data.seqlen,
+                seed=cfg.data.seed,
+            )
+    with record.phase("quantize"):
+        stats = method.quantize(
+            adapter, calib, RunContext(device=device, run_dir=run_dir, log=tracker.log)
+        )
+    record.add_stats(stats)
+    if cfg.eval.ppl:
+        with record.phase("eval_ppl"):
+            for corpus in cfg.data.eval:
+                windows = evaluation_windows(
+                    corpus,
+                    tokenizer,
+                    seqlen=cfg.data.eval_seqlen or cfg.data.seqlen,
+                    calibrating_on_same=(corpus == cfg.data.calib),
+                    max_windows=cfg.data.max_eval_windows,
+                )
+                name = metric_name(corpus)
+                value = perplexity(
+                    adapter, windows, device=device, batch_size=cfg.eval.batch_size, desc=name
+                )
+                log.info("ppl/%s = %.3f (%d windows)", name, value, windows.shape[0])
+                record.add_metrics({f"ppl/{name}": value})
+                record.add_stats({f"eval_windows/{name}": int(windows.shape[0])})
+                tracker.log({f"ppl/{name}": value})
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as error:
+        print(f"cbq: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return next(iter(metrics.values()), None)

@@ -1,0 +1,99 @@
+"""QuantLinear: quantized forward, materialization, wrapping and activation calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cbq.quant import (
+    Granularity,
+    QuantLinear,
+    QuantSpec,
+    observing_activations,
+    quant_linears,
+    unwrap_block,
+    wrap_block,
+)
+
+W4 = QuantSpec(bits=4, granularity=Granularity.per_channel)
+A8 = QuantSpec(bits=8, granularity=Granularity.per_tensor)
+FP = QuantSpec(bits=16)
+
+
+class TinyBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.ModuleDict({"proj": nn.Linear(8, 8)})
+        self.fc = nn.Linear(8, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.attn["proj"](x)))
+
+
+def test_forward_uses_fake_quantized_weight_and_bias():
+    linear = nn.Linear(6, 3)
+    qlinear = QuantLinear(linear, W4, FP)
+    x = torch.randn(2, 6)
+    expected = x @ qlinear.weight_quantizer(linear.weight).T + linear.bias
+    torch.testing.assert_close(qlinear(x), expected)
+    assert not torch.allclose(qlinear(x), linear(x))
+
+
+def test_materialize_writes_quantized_weight_once():
+    linear = nn.Linear(6, 3)
+    qlinear = QuantLinear(linear, W4, FP)
+    x = torch.randn(2, 6)
+    before = qlinear(x)
+    qlinear.materialize()
+    torch.testing.assert_close(qlinear(x), before)
+    torch.testing.assert_close(linear(x), before)  # the plain linear now holds Q(W)
+    qlinear.materialize()  # idempotent: quantizing Q(W) again would not be a no-op in general
+    torch.testing.assert_close(qlinear(x), before)
+
+
+def test_wrap_and_unwrap_block():
+    block = TinyBlock()
+    x = torch.randn(5, 8)
+    reference = block(x)
+    wrapped = wrap_block(block, ["attn.proj", "fc"], W4, FP)
+    assert set(wrapped) == {"attn.proj", "fc"}
+    assert [name for name, _ in quant_linears(block)] == ["attn.proj", "fc"]
+    assert wrap_block(block, ["attn.proj", "fc"], W4, FP) == wrapped  # idempotent
+    quantized = block(x)
+    assert not torch.allclose(quantized, reference)
+    unwrap_block(block)
+    assert isinstance(block.fc, nn.Linear) and not list(quant_linears(block))
+    torch.testing.assert_close(block(x), reference)  # weights were never materialized
+
+
+def test_wrap_rejects_non_linear():
+    block = TinyBlock()
+    with pytest.raises(TypeError, match="attn is a ModuleDict"):
+        wrap_block(block, ["attn"], W4, FP)
+
+
+def test_static_activation_calibration_observes_fp_inputs():
+    block = TinyBlock()
+    wrap_block(block, ["attn.proj", "fc"], FP, A8)
+    x = torch.randn(32, 8)
+    with observing_activations(block) as quantizers:
+        observed = block(x)
+    assert len(quantizers) == 2
+    # while observing, the block is exactly the FP block
+    unwrapped = TinyBlock()
+    torch.testing.assert_close(observed, unwrapped(x))
+    proj_quantizer = block.attn["proj"].act_quantizer
+    low, high = min(x.min().item(), 0), max(x.max().item(), 0)
+    assert proj_quantizer.scale.item() == pytest.approx((high - low) / 255, rel=1e-6)
+    error = (block(x) - observed).abs().max().item()
+    assert 0 < error < 0.1  # 8-bit activations: small but real error
+
+
+def test_failed_observation_leaves_quantizers_uncalibrated():
+    block = TinyBlock()
+    wrap_block(block, ["fc"], FP, A8)
+    with pytest.raises(RuntimeError, match="boom"), observing_activations(block):
+        raise RuntimeError("boom")
+    assert not block.fc.act_quantizer.observing and not block.fc.act_quantizer.calibrated

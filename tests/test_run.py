@@ -1,0 +1,151 @@
+"""End-to-end runs through the Hydra entry point on tiny models and a small text file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cbq.models import tiny_model, tiny_tokenizer
+from cbq.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ["opt", "bloom", "llama", "gemma3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small English text file used as both calibration and evaluation corpus."""
+    from cbq.models.tiny import TRAINING_TEXT
+
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text((TRAINING_TEXT + "\n") * 20)
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for family in FAMILIES:
+        paths[family] = root / family
+        tiny_model(family).save_pretrained(paths[family])
+        tiny_tokenizer().save_pretrained(paths[family])
+    return paths
+
+
+def overrides(model_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    return [
+        "model.name=tiny",
+        f"model.path={model_dir}",
+        f"data.calib={corpus}",
+        f"data.eval=[{corpus}]",
+        "data.n_samples=4",
+        "data.seqlen=32",
+        "data.max_eval_windows=8",
+        "logger=disabled",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp_and_rtn_run_on_every_adapter(compose_cfg, saved_models, corpus, tmp_path, family):
+    fp = run(compose_cfg(overrides(saved_models[family], corpus, "method=fp")), tmp_path / "fp")
+    rtn = run(
+        compose_cfg(overrides(saved_models[family], corpus, "method=rtn", "quant=w2a16g64")),
+        tmp_path / "rtn",
+    )
+    (metric,) = fp
+    assert metric == f"ppl/{corpus.stem}"
+    assert 1.0 < fp[metric] < 1e4
+    assert rtn[metric] != pytest.approx(fp[metric], rel=1e-4)  # quantization changed the model
+
+
+def test_static_activation_rtn_calibrates(compose_cfg, saved_models, corpus, tmp_path):
+    metrics = run(
+        compose_cfg(overrides(saved_models["llama"], corpus, "method=rtn", "quant=w8a8")), tmp_path
+    )
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "finished"
+    assert record["calibration"] == {"corpus": str(corpus), "n_samples": 4, "seqlen": 32, "seed": 0}
+    assert set(record["timing_s"]) >= {"load_model", "calibration_data", "quantize", "eval_ppl"}
+    assert all(value >= 0 for value in record["timing_s"].values())
+    assert metrics == record["metrics"]
+
+
+def test_results_file_records_provenance(compose_cfg, saved_models, corpus, tmp_path):
+    run(compose_cfg(overrides(saved_models["opt"], corpus, "method=rtn", "seed=7")), tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["seed"] == 7 and record["config"]["data"]["seed"] == 7
+    assert record["versions"]["torch"] and record["versions"]["transformers"]
+    assert record["versions"]["cbq"] == "0.1.0"
+    assert record["git"]["sha"] is None or len(record["git"]["sha"]) == 40
+    assert record["memory"]["peak_rss_mib"] > 10
+    assert record["config"]["quant"]["name"] == "w4a16"
+    assert record["calibration"]["corpus"] is None  # weight-only RTN draws no calibration data
+
+
+def test_failed_run_is_recorded(compose_cfg, corpus, tmp_path):
+    cfg = compose_cfg(overrides(tmp_path / "missing-model", corpus, "method=fp"))
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises
+        run(cfg, tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "failed" and record["error"]
+
+
+def test_cli_multirun_writes_results_and_offline_wandb(saved_models, corpus, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "-m",
+        "cbq",
+        "-m",
+        "method=fp,rtn",
+        "quant=w3a16",
+        *overrides(saved_models["llama"], corpus)[:-1],
+        "logger=wandb_offline",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_clean_env(), "WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = sorted(sweep_dir.rglob("results.json"))
+    assert len(records) == 2
+    methods = {json.loads(p.read_text())["config"]["method"]["name"] for p in records}
+    assert methods == {"fp", "rtn"}
+    assert list(sweep_dir.rglob("offline-run-*")), "W&B offline files should be in the run dir"
+
+
+def test_cli_rejects_bad_config_before_loading(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "cbq",
+        "quant.w_bits=12",
+        "model.path=/nonexistent",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=_clean_env()
+    )
+    assert result.returncode != 0
+    assert "quant.w_bits: 12 is not allowed; allowed: 2..8, or 16" in result.stderr
+    assert not (tmp_path / "results.json").exists()  # failed before anything was loaded
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")} | {
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_SILENT": "true",
+    }
