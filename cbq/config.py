@@ -108,12 +108,88 @@ class LoggerConfig:
 
 
 @dataclass
+class WindowConfig:
+    """CBQ's sliding window: K blocks trained together; consecutive windows share ``overlap``."""
+
+    size: int = 2
+    overlap: int = 1
+
+
+class LossKindChoice(str, Enum):
+    l2 = "l2"
+    kl = "kl"
+    l2_kl = "l2_kl"
+
+
+@dataclass
+class LossConfig:
+    kind: LossKindChoice = LossKindChoice.l2_kl
+    # Also match the FP blocks fed with the quantized stream (homologous reconstruction).
+    homologous: bool = True
+    l2_weight: float = 1.0
+    kl_weight: float = 1.0
+
+
+class CFPMode(str, Enum):
+    none = "none"
+    weight = "weight"
+    weight_act = "weight_act"
+
+
+class SplitDistance(str, Enum):
+    mean = "mean"
+    gap = "gap"
+
+
+class ClipTo(str, Enum):
+    threshold = "threshold"
+    reserved = "reserved"
+
+
+@dataclass
+class CFPConfig:
+    mode: CFPMode = CFPMode.weight_act
+    lambda1: float = 1.5
+    lambda2: float = 1.0
+    # The fine split's inter-set distance: the paper's distance of means, or the gap
+    # between the two sets (see cbq.outliers); log_space splits log|x| instead of |x|.
+    distance: SplitDistance = SplitDistance.mean
+    log_space: bool = False
+    # Clamp / scale outliers down to the split threshold (paper) or to the largest
+    # reserved (non-outlier) value.
+    clip_to: ClipTo = ClipTo.threshold
+
+
+class RoundingKind(str, Enum):
+    nearest = "nearest"
+    adaround = "adaround"
+    lora = "lora"
+
+
+@dataclass
+class RoundingConfig:
+    kind: RoundingKind = RoundingKind.lora
+    rank: int = 5
+    # Weight of the mean rounding regulariser; beta anneals from beta_start to beta_end
+    # after the first reg_warmup fraction of each window's steps (AdaRound / BRECQ).
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    reg_warmup: float = 0.2
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     # Each method validates its own fields against its dataclass (cbq.methods).
     method: Any = field(default_factory=lambda: {"name": "rtn"})
     data: DataConfig = field(default_factory=DataConfig)
+    # CBQ's components (used by method=cbq; one config group each, for the ablations).
+    window: WindowConfig = field(default_factory=WindowConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cfp: CFPConfig = field(default_factory=CFPConfig)
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     device: Device = Device.auto
@@ -141,6 +217,7 @@ def validate(cfg: DictConfig | Config) -> Config:
         *_data_problems(typed.data),
         *_method_problems(typed),
     ]
+    problems += _cbq_component_problems(typed)
     if typed.eval.batch_size < 1:
         problems.append(f"eval.batch_size: {typed.eval.batch_size} must be >= 1")
     if problems:
@@ -216,6 +293,27 @@ def _data_problems(data: DataConfig) -> list[str]:
     ]:
         if value is not None and value < 1:
             problems.append(f"{field_name}: {value} must be a positive integer or null")
+    return problems
+
+
+def _cbq_component_problems(cfg: Config) -> list[str]:
+    problems = []
+    if cfg.window.size < 1:
+        problems.append(f"window.size: {cfg.window.size} must be a positive integer")
+    if not 0 <= cfg.window.overlap < max(cfg.window.size, 1):
+        problems.append(
+            f"window.overlap: {cfg.window.overlap} is not allowed; allowed: 0..{cfg.window.size - 1}"
+            " (less than window.size)"
+        )
+    if cfg.rounding.rank < 1:
+        problems.append(f"rounding.rank: {cfg.rounding.rank} must be a positive integer")
+    if not 0 <= cfg.rounding.reg_warmup < 1:
+        problems.append(
+            f"rounding.reg_warmup: {cfg.rounding.reg_warmup} is not allowed; allowed: [0, 1)"
+        )
+    for name in ("lambda1", "lambda2"):
+        if getattr(cfg.cfp, name) < 0:
+            problems.append(f"cfp.{name}: {getattr(cfg.cfp, name)} must be >= 0")
     return problems
 
 

@@ -49,6 +49,11 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.model.name}-{cfg.quant.name}-{cfg.method['name']}"
 
 
+def setting_name(cfg: Config) -> str:
+    """The column a run belongs to in a results table: the quant preset, or fp."""
+    return "fp" if cfg.method["name"] == "fp" else cfg.quant.name
+
+
 def calibration_record(cfg: Config, used: bool) -> dict[str, Any]:
     if not used:
         return {"corpus": None, "reason": f"method {cfg.method['name']} draws no calibration data"}
@@ -64,7 +69,7 @@ def calibration_record(cfg: Config, used: bool) -> dict[str, Any]:
 def run(raw_cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """One quantization run; returns its metrics. Validates everything before loading."""
     cfg = validate(raw_cfg)
-    method = build_method(cfg.method, cfg.quant)
+    method = build_method(cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

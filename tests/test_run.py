@@ -149,3 +149,26 @@ def _clean_env() -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",
         "WANDB_SILENT": "true",
     }
+
+
+def test_cbq_method_runs_through_hydra(compose_cfg, saved_models, corpus, tmp_path):
+    cfg = compose_cfg(
+        overrides(
+            saved_models["opt"],
+            corpus,
+            "method=cbq",
+            "quant=w4a8",
+            "method.epochs=1",
+            "window=k2_overlap1",
+            "rounding=lora",
+            "cfp=weight_act",
+        )
+    )
+    metrics = run(cfg, tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["status"] == "finished" and metrics[f"ppl/{corpus.stem}"] > 1
+    assert record["stats"]["windows"] and (tmp_path / "checkpoint" / "cbq.pt").exists()
+    assert (
+        record["stats"]["rounding_params_per_block"]["adaround"]
+        > record["stats"]["rounding_params_per_block"]["lora_r5"]
+    )

@@ -7,12 +7,15 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cbq.config import QuantConfig
+from cbq.config import Config
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
+from cbq.methods.cbq import CrossBlockQuantization
 from cbq.methods.fp import FullPrecision
 from cbq.methods.rtn import RoundToNearest
 
-METHODS: dict[str, type[QuantMethod]] = {m.name: m for m in (FullPrecision, RoundToNearest)}
+METHODS: dict[str, type[QuantMethod]] = {
+    m.name: m for m in (FullPrecision, RoundToNearest, CrossBlockQuantization)
+}
 
 
 def _method_class(name: Any) -> type[QuantMethod]:
@@ -40,9 +43,9 @@ def method_problems(raw: Any) -> list[str]:
     return []
 
 
-def build_method(raw: Any, quant: QuantConfig) -> QuantMethod:
-    cfg = method_config(raw)
-    return METHODS[cfg.name](cfg, quant)
+def build_method(run_cfg: Config) -> QuantMethod:
+    cfg = method_config(run_cfg.method)
+    return METHODS[cfg.name](cfg, run_cfg)
 
 
 __all__ = ["METHODS", "MethodConfig", "QuantMethod", "RunContext", "build_method", "method_config"]

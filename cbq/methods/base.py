@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cbq.config import QuantConfig
+from cbq.config import Config
 from cbq.models.adapter import ModelAdapter
 
 
@@ -36,9 +36,10 @@ class QuantMethod(ABC):
     # False for methods that need no calibration data (the run then draws none).
     needs_calibration: ClassVar[bool] = True
 
-    def __init__(self, cfg: MethodConfig, quant: QuantConfig):
+    def __init__(self, cfg: MethodConfig, run_cfg: Config):
         self.cfg = cfg
-        self.quant = quant
+        self.run_cfg = run_cfg
+        self.quant = run_cfg.quant
 
     @abstractmethod
     def quantize(

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from cbq.blockwise import context_for, embed_batches, run_block
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
-from cbq.methods.blockwise import context_for, embed_batches, run_block
 from cbq.models.adapter import ModelAdapter
 from cbq.quant import observing_activations, wrap_block
 

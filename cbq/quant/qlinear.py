@@ -22,7 +22,7 @@ class QuantLinear(nn.Module):
         self.linear = linear
         self.weight_quantizer = WeightQuantizer(weight_spec, linear.weight)
         self.act_quantizer = ActQuantizer(act_spec)
-        # Optional module returning soft rounding offsets for the weight (LoRA-Rounding).
+        # Optional learned rounding (cbq.quant.rounding), mapping W/s to offsets in [0, 1].
         self.rounding: nn.Module | None = None
         self.weight_materialized = False
 
@@ -45,8 +45,7 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         if self.weight_materialized:
             return self.linear.weight
-        offsets = self.rounding() if self.rounding is not None else None
-        return self.weight_quantizer(self.linear.weight, offsets)
+        return self.weight_quantizer(self.linear.weight, self.rounding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_quantizer(x)
@@ -62,6 +61,12 @@ class QuantLinear(nn.Module):
         self.linear.weight.data.copy_(self.quantized_weight())
         self.rounding = None
         self.weight_materialized = True
+
+    def get_extra_state(self) -> dict[str, bool]:
+        return {"weight_materialized": self.weight_materialized}
+
+    def set_extra_state(self, state: dict[str, bool]) -> None:
+        self.weight_materialized = state["weight_materialized"]
 
     def extra_repr(self) -> str:
         w, a = self.weight_quantizer.spec, self.act_quantizer.spec

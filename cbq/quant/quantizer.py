@@ -145,12 +145,15 @@ class WeightQuantizer(nn.Module):
         per_column = param.repeat_interleave(self.group_size, dim=1)[:, : weight.shape[-1]]
         return per_column
 
-    def forward(self, weight: torch.Tensor, rounding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, weight: torch.Tensor, rounding: nn.Module | None = None) -> torch.Tensor:
+        """Fake-quantized weight; ``rounding`` maps ``W/s`` to offsets in [0, 1] added to
+        ``floor(W/s)`` (learned rounding) instead of rounding to nearest."""
         if not self.spec.enabled:
             return weight
         scale = self.expand(self.scale, weight).to(weight.dtype)
         zero = self.expand(self.zero, weight).to(weight.dtype)
-        return fake_quant(weight, scale, zero, self.spec.qmax, rounding)
+        offsets = None if rounding is None else rounding(weight / scale)
+        return fake_quant(weight, scale, zero, self.spec.qmax, offsets)
 
     def integers(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``weight`` in ``[0, 2^b - 1]`` (round to nearest)."""
@@ -204,6 +207,12 @@ class ActQuantizer(nn.Module):
             low, high = x.detach().amin(), x.detach().amax()
         scale, zero = minmax_params(low.float(), high.float(), self.spec)
         return fake_quant(x, scale.to(x.dtype), zero.to(x.dtype), self.spec.qmax)
+
+    def get_extra_state(self) -> dict[str, bool]:
+        return {"calibrated": self.calibrated}
+
+    def set_extra_state(self, state: dict[str, bool]) -> None:
+        self.calibrated = state["calibrated"]
 
     def finish_observation(self) -> None:
         """Turn the observed range into the static step size and zero point."""

@@ -1,0 +1,467 @@
+"""The cross-block dependency (CBD) trainer: sliding windows of K blocks, reconstructed jointly.
+
+Two cached streams feed each window: ``x_q``, the output of the already-committed quantized
+blocks, and ``x_fp``, the FP model's hidden states at the same depth. For a window of blocks
+``[start, end)``:
+
+1. blocks entering the window are prepared (CFP, FP copy kept as the target, QuantLinear
+   wrapping, static activation ranges, rounding variables);
+2. targets: normal ``Y = F_fp(x_fp)`` and homologous ``Y_h = F_fp(x_q)``, both through the FP
+   copies (weight truncation changes only the blocks being quantized);
+3. step sizes and rounding variables of the window's blocks are learned so that
+   ``F_q(x_q)`` matches the targets;
+4. the blocks that leave the window (``[start, start + stride)``) are committed: rounding
+   hardened, weights materialized, parameters frozen; both streams advance through the
+   committed blocks only, so no block runs twice per advance.
+
+After every window a checkpoint (streams + block states) is written atomically; a run
+restarted in the same directory resumes after the last finished window and ends with the
+same model as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cbq import cfp
+from cbq.blockwise import embed_batches
+from cbq.config import QuantConfig
+from cbq.losses import reconstruction_distance
+from cbq.models.adapter import ModelAdapter
+from cbq.quant import QuantLinear, observing_activations, quant_linears, wrap_block
+from cbq.quant.rounding import AdaRound, LoRARounding, SoftRounding
+
+log = logging.getLogger(__name__)
+MIN_STEP = 1e-8
+
+
+def window_schedule(n_blocks: int, size: int, overlap: int) -> list[tuple[int, int, int]]:
+    """(start, end, commit_end) of each window: blocks [start, end) are trained together and
+    blocks [start, commit_end) are committed after it."""
+    if size < 1 or not 0 <= overlap < size:
+        raise ValueError(f"window.size={size}, window.overlap={overlap}: need 0 <= overlap < size")
+    stride, start, schedule = size - overlap, 0, []
+    while True:
+        end = min(start + size, n_blocks)
+        last = end == n_blocks
+        schedule.append((start, end, end if last else start + stride))
+        if last:
+            return schedule
+        start += stride
+
+
+@dataclass
+class TrainerSettings:
+    """The knobs the trainer reads (filled from CBQConfig by cbq.methods.cbq)."""
+
+    window_size: int = 2
+    window_overlap: int = 1
+    epochs: int = 3
+    batch_size: int = 1
+    loss: str = "l2_kl"
+    homologous: bool = True
+    l2_weight: float = 1.0
+    kl_weight: float = 1.0
+    cfp_mode: str = "weight_act"
+    lambda1: float = 1.5
+    lambda2: float = 1.0
+    cfp_distance: str = "mean"
+    cfp_log_space: bool = False
+    cfp_clip_to: str = "threshold"
+    rounding: str = "lora"
+    rank: int = 5
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    reg_warmup: float = 0.2
+    lr_weight_scale: float = 1e-2
+    lr_act_scale: float = 1e-2
+    lr_rounding: float = 1e-3
+    bf16: bool = False
+    cache: str = "cpu"
+    seed: int = 0
+
+    def fingerprint(self, quant: QuantConfig, calib: torch.Tensor) -> str:
+        payload = json.dumps(
+            {
+                "settings": asdict(self),
+                "quant": str(asdict(quant)),
+                "calib": calib.sum().item(),
+                "calib_shape": list(calib.shape),
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class ActivationStore:
+    """Where the cached streams live: on the device, in CPU memory, or memory-mapped on disk."""
+
+    def __init__(self, kind: str, device: torch.device, folder: Path):
+        if kind not in ("device", "cpu", "disk"):
+            raise ValueError(f"method.cache: '{kind}' is not allowed; allowed: device, cpu, disk")
+        self.kind, self.device, self.folder = kind, device, folder
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if self.kind == "disk":
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / f"{name}.pt"
+            torch.save(tensor.cpu(), path)
+            tensor = torch.load(path, mmap=True)
+        else:
+            tensor = tensor.to(self.device if self.kind == "device" else "cpu")
+        self._tensors[name] = tensor
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def batch(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        return self._tensors[name][index].to(self.device)
+
+
+class CBDTrainer:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        quant: QuantConfig,
+        settings: TrainerSettings,
+        device: torch.device,
+        run_dir: Path,
+        log_metrics: Callable[[dict[str, float]], None] = lambda metrics: None,
+        stop_after_window: int | None = None,
+    ):
+        self.adapter, self.quant, self.s = adapter, quant, settings
+        self.device, self.log_metrics = device, log_metrics
+        self.checkpoint_path = run_dir / "checkpoint" / "cbq.pt"
+        self.store = ActivationStore(settings.cache, device, run_dir / "checkpoint" / "streams")
+        self.fp_blocks: dict[int, nn.Module] = {}
+        self.prepared: set[int] = set()
+        self.committed: set[int] = set()
+        self.stats: dict[str, Any] = {"windows": [], "cfp": {}}
+        # Test hook: simulate a crash after this window's checkpoint.
+        self.stop_after_window = stop_after_window
+
+    # --- the outer loop ----------------------------------------------------------------
+    def run(self, calib: torch.Tensor) -> dict[str, Any]:
+        blocks = self.adapter.blocks()
+        schedule = window_schedule(len(blocks), self.s.window_size, self.s.window_overlap)
+        fingerprint = self.s.fingerprint(self.quant, calib)
+        first = self._resume(fingerprint)
+        if first == 0:
+            hidden = embed_batches(self.adapter, calib, self.s.batch_size, self.device)
+            self.store.put("x_q", hidden)
+            self.store.put("x_fp", hidden)
+        self.ctx = self.adapter.block_context(self.store.batch("x_q", torch.arange(1)))
+        for number, (start, end, commit_end) in enumerate(schedule):
+            if number < first:
+                continue
+            self._window(number, len(schedule), start, end)
+            self._commit(start, commit_end)
+            self._save_checkpoint(number + 1, fingerprint)
+            if self.stop_after_window == number:
+                raise KeyboardInterrupt(f"stopped after window {number} (test hook)")
+        return self.stats
+
+    # --- one window ----------------------------------------------------------------------
+    def _window(self, number: int, total: int, start: int, end: int) -> None:
+        x_fp = self.store.get("x_fp")
+        for index in range(start, end):
+            self._to_device(index)
+            if index not in self.prepared:
+                self._prepare(index, x_fp)
+            x_fp = self._run(self.fp_blocks[index], index, x_fp)
+        self.store.put("y", x_fp)
+        if self.s.homologous:
+            self.store.put("y_h", self._run_range(start, end, self.store.get("x_q"), fp=True))
+        final_loss = self._train(number, total, start, end)
+        self.stats["windows"].append({"blocks": [start, end], "final_loss": final_loss})
+        self.log_metrics({"cbq/window": number, "cbq/window_loss": final_loss})
+
+    def _prepare(self, index: int, x_fp: torch.Tensor) -> None:
+        """CFP, the FP target copy, wrapping, activation ranges and rounding for one block."""
+        block = self.adapter.blocks()[index]
+        stats: dict[str, Any] = {}
+        if self.s.cfp_mode == "weight_act":
+            stats["act"] = cfp.scale_activation_outliers(
+                self.adapter,
+                index,
+                x_fp,
+                self.ctx,
+                self.s.lambda1,
+                self.s.lambda2,
+                batch_size=self.s.batch_size,
+                **self._split_rule(),
+            )
+        self.fp_blocks[index] = copy.deepcopy(block).requires_grad_(False)
+        if self.s.cfp_mode in ("weight", "weight_act"):
+            stats["weight"] = cfp.truncate_block_weights(
+                self.adapter, block, self.s.lambda1, self.s.lambda2, **self._split_rule()
+            )
+        self.stats["cfp"][index] = stats
+        wrapped = wrap_block(
+            block, self.adapter.linear_names(), self.quant.weight_spec(), self.quant.act_spec()
+        )
+        if any(q.act_quantizer.needs_calibration for q in wrapped.values()):
+            with torch.no_grad(), observing_activations(block):
+                self._run(block, index, x_fp)
+        self._attach_rounding(index, wrapped.values())
+        self.prepared.add(index)
+
+    def _split_rule(self) -> dict[str, Any]:
+        return {
+            "distance": self.s.cfp_distance,
+            "log_space": self.s.cfp_log_space,
+            "clip_to": self.s.cfp_clip_to,
+        }
+
+    def _attach_rounding(self, index: int, qlinears: Iterator[QuantLinear] | Any) -> None:
+        generator = torch.Generator().manual_seed(self.s.seed * 1000 + index)
+        for qlinear in qlinears:
+            weight = qlinear.linear.weight.detach()
+            if self.s.rounding == "adaround":
+                qlinear.rounding = AdaRound(weight)
+            elif self.s.rounding == "lora":
+                qlinear.rounding = LoRARounding(weight, self.s.rank, generator)
+            qlinear.linear.requires_grad_(False)
+
+    # --- training ------------------------------------------------------------------------
+    def _parameter_groups(self, start: int, end: int) -> list[dict[str, Any]]:
+        groups = []
+        for index in range(start, end):
+            for _, qlinear in quant_linears(self.adapter.blocks()[index]):
+                weight_scale = qlinear.weight_quantizer.scale
+                if qlinear.weight_quantizer.spec.enabled and not qlinear.weight_materialized:
+                    groups.append(_relative_group(weight_scale, self.s.lr_weight_scale))
+                act = qlinear.act_quantizer
+                if act.needs_calibration:
+                    groups.append(_relative_group(act.scale, self.s.lr_act_scale))
+                if qlinear.rounding is not None:
+                    params = [p for p in qlinear.rounding.parameters()]
+                    for p in params:
+                        p.requires_grad_(True)
+                    groups.append({"params": params, "lr": self.s.lr_rounding})
+        return groups
+
+    def _roundings(self, start: int, end: int) -> list[SoftRounding]:
+        return [
+            q.rounding
+            for i in range(start, end)
+            for _, q in quant_linears(self.adapter.blocks()[i])
+            if isinstance(q.rounding, SoftRounding)
+        ]
+
+    def _train(self, number: int, total: int, start: int, end: int) -> float:
+        groups = self._parameter_groups(start, end)
+        if not groups or self.s.epochs == 0:
+            return float("nan")
+        optimizer = torch.optim.Adam(groups)
+        roundings = self._roundings(start, end)
+        n = self.store.get("x_q").shape[0]
+        steps_per_epoch = math.ceil(n / self.s.batch_size)
+        total_steps = steps_per_epoch * self.s.epochs
+        generator = torch.Generator().manual_seed(self.s.seed * 1000 + number)
+        bar = tqdm(
+            total=total_steps,
+            desc=f"window {number + 1}/{total} blocks {start}-{end - 1}",
+            unit="step",
+            leave=False,
+        )
+        step, loss_value = 0, float("nan")
+        for epoch in range(self.s.epochs):
+            epoch_losses = []
+            for index in torch.randperm(n, generator=generator).split(self.s.batch_size):
+                loss = self._loss(start, end, index, roundings, step / total_steps)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    bar.close()
+                    raise FloatingPointError(
+                        f"CBQ window {number} (blocks {start}-{end - 1}), epoch {epoch}, step {step}: "
+                        f"loss is {loss_value}. Lower the learning rates (method.lr_*), use "
+                        "fp32 (method.bf16=false) or check the calibration data."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                self._keep_steps_positive(groups)
+                epoch_losses.append(loss_value)
+                step += 1
+                bar.update()
+                bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4g}")
+            self.log_metrics({"cbq/epoch_loss": sum(epoch_losses) / len(epoch_losses)})
+        bar.close()
+        return sum(epoch_losses) / len(epoch_losses)
+
+    def _loss(
+        self,
+        start: int,
+        end: int,
+        index: torch.Tensor,
+        roundings: list[SoftRounding],
+        progress: float,
+    ) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.bf16):
+            output = self._forward(start, end, self.store.batch("x_q", index))
+        targets = ["y", "y_h"] if self.s.homologous else ["y"]
+        distance = sum(
+            reconstruction_distance(
+                output,
+                self.store.batch(name, index),
+                self.s.loss,
+                self.s.l2_weight,
+                self.s.kl_weight,
+            )
+            for name in targets
+        ) / len(targets)
+        if roundings and progress >= self.s.reg_warmup:
+            ramp = (progress - self.s.reg_warmup) / max(1 - self.s.reg_warmup, 1e-8)
+            beta = self.s.beta_start + (self.s.beta_end - self.s.beta_start) * ramp
+            regularizer = sum(r.regularizer(beta) for r in roundings) / len(roundings)
+            distance = distance + self.s.reg_weight * regularizer
+        return distance
+
+    @staticmethod
+    def _keep_steps_positive(groups: list[dict[str, Any]]) -> None:
+        with torch.no_grad():
+            for group in groups:
+                if group.get("is_step"):
+                    for p in group["params"]:
+                        p.clamp_(min=MIN_STEP)
+
+    # --- committing and advancing --------------------------------------------------------
+    def _commit(self, start: int, commit_end: int) -> None:
+        blocks = self.adapter.blocks()
+        with torch.no_grad():
+            for index in range(start, commit_end):
+                for _, qlinear in quant_linears(blocks[index]):
+                    if isinstance(qlinear.rounding, SoftRounding):
+                        qlinear.rounding.harden()
+                    qlinear.materialize()
+                blocks[index].requires_grad_(False)
+                self.committed.add(index)
+            self.store.put(
+                "x_q", self._run_range(start, commit_end, self.store.get("x_q"), fp=False)
+            )
+            self.store.put(
+                "x_fp", self._run_range(start, commit_end, self.store.get("x_fp"), fp=True)
+            )
+        for index in range(start, commit_end):
+            del self.fp_blocks[index]
+            if self.device.type != "cpu":
+                blocks[index].to("cpu")
+
+    # --- running blocks ------------------------------------------------------------------
+    def _to_device(self, index: int) -> None:
+        self.adapter.blocks()[index].to(self.device)
+        if index in self.fp_blocks:
+            self.fp_blocks[index].to(self.device)
+
+    def _forward(self, start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+        for index in range(start, end):
+            hidden = self.adapter.forward_block(index, hidden, self.ctx)
+        return hidden
+
+    @torch.no_grad()
+    def _run(self, block: nn.Module, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``block`` (the model's or an FP copy standing in for block ``index``) on every sample."""
+        blocks = self.adapter.blocks()
+        original = blocks[index]
+        blocks[index] = block
+        try:
+            outputs = [
+                self.adapter.forward_block(index, chunk.to(self.device), self.ctx).to(hidden.device)
+                for chunk in hidden.split(self.s.batch_size)
+            ]
+        finally:
+            blocks[index] = original
+        return torch.cat(outputs)
+
+    def _run_range(self, start: int, end: int, hidden: torch.Tensor, fp: bool) -> torch.Tensor:
+        for index in range(start, end):
+            self._to_device(index)
+            block = self.fp_blocks[index] if fp else self.adapter.blocks()[index]
+            hidden = self._run(block, index, hidden)
+        return hidden
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def _save_checkpoint(self, next_window: int, fingerprint: str) -> None:
+        blocks = self.adapter.blocks()
+        state = {
+            "fingerprint": fingerprint,
+            "next_window": next_window,
+            "x_q": self.store.get("x_q").cpu(),
+            "x_fp": self.store.get("x_fp").cpu(),
+            "committed": sorted(self.committed),
+            "prepared": sorted(self.prepared),
+            "blocks": {i: _cpu_state(blocks[i]) for i in sorted(self.prepared)},
+            "fp_blocks": {i: _cpu_state(b) for i, b in self.fp_blocks.items()},
+            "stats": self.stats,
+        }
+        path = self.checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _resume(self, fingerprint: str) -> int:
+        """Restore the last checkpoint of this run dir; returns the first window to run."""
+        if not self.checkpoint_path.exists():
+            return 0
+        state = torch.load(self.checkpoint_path, weights_only=False)
+        if state["fingerprint"] != fingerprint:
+            raise RuntimeError(
+                f"{self.checkpoint_path} belongs to a run with other settings or calibration data; "
+                "delete it or use another hydra.run.dir"
+            )
+        blocks = self.adapter.blocks()
+        for index in state["prepared"]:
+            if index in state["fp_blocks"]:
+                fp_copy = copy.deepcopy(blocks[index]).requires_grad_(False)
+                fp_copy.load_state_dict(state["fp_blocks"][index])
+                self.fp_blocks[index] = fp_copy
+            wrapped = wrap_block(
+                blocks[index],
+                self.adapter.linear_names(),
+                self.quant.weight_spec(),
+                self.quant.act_spec(),
+            )
+            if index not in state["committed"]:
+                self._attach_rounding(index, wrapped.values())
+            blocks[index].load_state_dict(state["blocks"][index])
+            if index in state["committed"]:
+                blocks[index].requires_grad_(False)
+        self.prepared, self.committed = set(state["prepared"]), set(state["committed"])
+        self.store.put("x_q", state["x_q"])
+        self.store.put("x_fp", state["x_fp"])
+        self.stats = state["stats"]
+        log.info("resumed CBQ from %s at window %d", self.checkpoint_path, state["next_window"])
+        return state["next_window"]
+
+
+def _relative_group(step: nn.Parameter, relative_lr: float) -> dict[str, Any]:
+    """Adam moves a parameter by about lr per step, so step sizes get an lr relative to their
+    own magnitude: the same setting suits 4-bit weight steps (~1e-3) and activation steps (~1)."""
+    step.requires_grad_(True)
+    magnitude = step.detach().abs().mean().clamp(min=MIN_STEP).item()
+    return {"params": [step], "lr": relative_lr * magnitude, "is_step": True}
+
+
+def _cpu_state(module: nn.Module) -> dict[str, Any]:
+    return {
+        k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+        for k, v in module.state_dict().items()
+    }

@@ -1,0 +1,315 @@
+"""Coarse-to-fine pre-processing (CBQ §3.3) applied to one decoder block through its adapter.
+
+- Activations: on the per-channel max |x| entering each scale group's consumers, the
+  outlier channels j get ``s_j = max|X_j| / c`` (Eq. 5) and 1 elsewhere, folded exactly
+  into the producer and the consumers (:meth:`ModelAdapter.fold_scale`): the FP function
+  is unchanged.
+- Weights: in every linear of the block, the entries whose |W| is a fine outlier are
+  clamped to c, keeping their sign. This does change the function.
+
+The level c is the split threshold t, the smallest fine outlier (``clip_to="threshold"``,
+as in DESIGN), or the largest reserved value below it (``clip_to="reserved"``). With
+"threshold" a lone outlier is left as it is (it *is* t): the fine split often finds
+exactly one, and then nothing changes. "reserved" always pulls the outliers down to the
+largest remaining value.
+
+Activation scaling runs first. It moves each outlier channel's magnitude into the
+consumers' input columns, which then look like weight outliers; truncating them would
+undo the exact transform on exactly the channels that matter, so by default
+(``protect_scaled=True``) those columns are left out of weight detection and truncation.
+:func:`scale_activation_outliers` records them on the consumer linears
+(:data:`SCALED_COLUMNS_ATTR`), so the two steps may run separately (e.g. with an FP copy
+of the block taken in between) and :func:`truncate_block_weights` still finds them.
+
+Run this on the FP block, before its linears are wrapped for quantization: weight
+quantizers initialised earlier would not see the new weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+import torch
+from torch import nn
+
+from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup
+from cbq.outliers import Distance, OutlierResult, detect_outliers
+
+ClipTo = Literal["threshold", "reserved"]
+CLIP_TO: tuple[str, ...] = ("threshold", "reserved")
+MODES: tuple[str, ...] = ("none", "weight", "weight_act")
+# Attribute set on a linear whose input columns were scaled up: a bool tensor per column.
+SCALED_COLUMNS_ATTR = "cbq_cfp_scaled_columns"
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """What :func:`truncate_weight_outliers` did to one weight."""
+
+    threshold: float  # smallest fine outlier of |W|; inf when nothing was an outlier
+    clip: float  # the |W| clamp level (threshold or reserved max); inf when none
+    coarse_count: int
+    outlier_count: int  # entries in O_high, including those equal to the threshold
+    truncated: int  # entries actually changed (|W| > clip)
+    max_before: float
+    max_after: float
+
+
+@torch.no_grad()
+def truncate_weight_outliers(
+    weight: torch.Tensor,
+    lambda1: float = 1.5,
+    lambda2: float = 1.0,
+    *,
+    distance: Distance = "mean",
+    log_space: bool = False,
+    clip_to: ClipTo = "threshold",
+    protected_columns: torch.Tensor | None = None,
+) -> Truncation:
+    """Clamp the fine outliers of ``|weight|`` to the clip level, in place, keeping signs.
+
+    ``weight`` is the FP weight of a linear (``linear.weight`` or ``qlinear.linear.weight``).
+    ``protected_columns`` (bool, one per input column) are left out of both detection and
+    truncation.
+    """
+    max_before = float(weight.abs().max()) if weight.numel() else 0.0
+    if protected_columns is None or not bool(protected_columns.any()):
+        view = weight
+    else:
+        keep = ~protected_columns.to(weight.device)
+        view = weight[:, keep]  # a copy: written back below
+    result = detect_outliers(view, lambda1, lambda2, distance=distance, log_space=log_space)
+    clip = clip_level(result, clip_to)
+    truncated = int(torch.count_nonzero(view.abs() > clip))
+    if truncated:
+        view.clamp_(-clip, clip)
+        if view is not weight:
+            weight[:, keep] = view
+    return Truncation(
+        threshold=result.threshold,
+        clip=clip,
+        coarse_count=result.coarse_count,
+        outlier_count=result.fine_count,
+        truncated=truncated,
+        max_before=max_before,
+        max_after=float(weight.abs().max()) if weight.numel() else 0.0,
+    )
+
+
+def activation_channel_scales(
+    channel_absmax: torch.Tensor,
+    lambda1: float = 1.5,
+    lambda2: float = 1.0,
+    *,
+    distance: Distance = "mean",
+    log_space: bool = False,
+    clip_to: ClipTo = "threshold",
+) -> torch.Tensor:
+    """Per-channel scales: ``max|X_j| / c`` on outlier channels (so >= 1), 1 elsewhere.
+
+    Strictly positive and finite (float32): the clip level c is a value above the coarse
+    fence, hence > 0.
+    """
+    return _channel_scales(channel_absmax, lambda1, lambda2, distance, log_space, clip_to)[0]
+
+
+def _channel_scales(
+    channel_absmax: torch.Tensor,
+    lambda1: float,
+    lambda2: float,
+    distance: Distance,
+    log_space: bool,
+    clip_to: ClipTo,
+) -> tuple[torch.Tensor, OutlierResult]:
+    absmax = channel_absmax.detach().float().abs()
+    result = detect_outliers(absmax, lambda1, lambda2, distance=distance, log_space=log_space)
+    clip = clip_level(result, clip_to)
+    scale = torch.ones_like(absmax)
+    if result.fine_count:
+        scale = torch.where(result.mask, absmax / clip, scale)
+    return scale, result
+
+
+def clip_level(result: OutlierResult, clip_to: ClipTo) -> float:
+    """The magnitude outliers are brought down to (``inf`` when there is no outlier)."""
+    if clip_to not in CLIP_TO:
+        raise ValueError(f"clip_to must be one of {CLIP_TO}, got {clip_to!r}")
+    return result.threshold if clip_to == "threshold" else result.reserved_max
+
+
+@torch.no_grad()
+def collect_channel_absmax(
+    adapter: ModelAdapter,
+    block_index: int,
+    hidden: torch.Tensor,
+    ctx: BlockContext,
+    batch_size: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Max |x| per producer channel of every scale group of a block, over ``hidden`` (n, t, h).
+
+    Forward pre-hooks on the consumers record the max over tokens of each input column
+    (inputs may be 2-D or 3-D); :meth:`ScaleGroup.reduce_columns` maps columns to channels.
+    The block runs in mini-batches of ``batch_size`` sequences (all at once by default).
+    Results are float32 on the CPU.
+    """
+    block = adapter.blocks()[block_index]
+    groups = adapter.scale_groups(block)
+    columns: dict[str, torch.Tensor] = {}
+    handles = [
+        consumer.register_forward_pre_hook(_absmax_hook(columns, group.name))
+        for group in groups
+        for consumer in group.consumers
+    ]
+    try:
+        device = next(block.parameters()).device
+        for chunk in hidden.split(batch_size or hidden.shape[0]):
+            adapter.forward_block(block_index, chunk.to(device), ctx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        group.name: group.reduce_columns(columns[group.name], "amax").cpu()
+        for group in groups
+        if group.name in columns
+    }
+
+
+def _absmax_hook(
+    store: dict[str, torch.Tensor], name: str
+) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].detach()
+        absmax = x.abs().reshape(-1, x.shape[-1]).amax(0).float()
+        previous = store.get(name)
+        store[name] = absmax if previous is None else torch.maximum(previous, absmax)
+
+    return hook
+
+
+@torch.no_grad()
+def scale_activation_outliers(
+    adapter: ModelAdapter,
+    block_index: int,
+    hidden: torch.Tensor,
+    ctx: BlockContext,
+    lambda1: float = 1.5,
+    lambda2: float = 1.0,
+    *,
+    distance: Distance = "mean",
+    log_space: bool = False,
+    clip_to: ClipTo = "threshold",
+    batch_size: int | None = None,
+) -> dict[str, int]:
+    """Fold Eq. 5 scales for the outlier channels of every scale group of a block, in place.
+
+    Exact: the block computes the same function. Returns the number of outlier channels
+    per group. The scaled input columns of each consumer are recorded on its linear (see
+    :data:`SCALED_COLUMNS_ATTR`) for :func:`truncate_block_weights`.
+    """
+    block = adapter.blocks()[block_index]
+    absmax = collect_channel_absmax(adapter, block_index, hidden, ctx, batch_size)
+    found: dict[str, int] = {}
+    for group in adapter.scale_groups(block):
+        if group.name not in absmax:
+            continue
+        channels = absmax[group.name]
+        scale, result = _channel_scales(channels, lambda1, lambda2, distance, log_space, clip_to)
+        found[group.name] = result.fine_count
+        # A channel at the clip level gets s = 1: it needs neither folding nor protection.
+        scaled = scale > 1.0
+        if bool(scaled.any()):
+            adapter.fold_scale(group, scale)
+            _record_scaled_columns(group, scaled)
+    return found
+
+
+@torch.no_grad()
+def truncate_block_weights(
+    adapter: ModelAdapter,
+    block: nn.Module,
+    lambda1: float = 1.5,
+    lambda2: float = 1.0,
+    *,
+    distance: Distance = "mean",
+    log_space: bool = False,
+    clip_to: ClipTo = "threshold",
+    protect_scaled: bool = True,
+) -> dict[str, int]:
+    """Truncate the weight outliers of every linear of ``block``; entries changed per linear.
+
+    With ``protect_scaled`` the input columns scaled by :func:`scale_activation_outliers`
+    are left alone (see the module docstring).
+    """
+    truncated: dict[str, int] = {}
+    for name, linear in adapter.linears(block).items():
+        inner = getattr(linear, "linear", linear)
+        columns = getattr(inner, SCALED_COLUMNS_ATTR, None) if protect_scaled else None
+        result = truncate_weight_outliers(
+            inner.weight,
+            lambda1,
+            lambda2,
+            distance=distance,
+            log_space=log_space,
+            clip_to=clip_to,
+            protected_columns=columns,
+        )
+        truncated[name] = result.truncated
+    return truncated
+
+
+def apply_cfp_to_block(
+    adapter: ModelAdapter,
+    block_index: int,
+    hidden: torch.Tensor,
+    ctx: BlockContext,
+    mode: str = "weight_act",
+    lambda1: float = 1.5,
+    lambda2: float = 1.0,
+    *,
+    distance: Distance = "mean",
+    log_space: bool = False,
+    clip_to: ClipTo = "threshold",
+    protect_scaled: bool = True,
+    batch_size: int | None = None,
+) -> dict[str, dict[str, int]]:
+    """Coarse-to-fine pre-processing of block ``block_index``, in place.
+
+    ``mode``: ``"none"`` (nothing, no forward pass), ``"weight"`` (truncate weight
+    outliers) or ``"weight_act"`` (alias ``"weight+act"``: scale activation outlier
+    channels, then truncate). ``hidden`` are the block's FP calibration inputs (used by
+    ``"weight_act"`` only). Returns ``{"outlier_channels": {group: n},
+    "truncated_weights": {linear: n}}`` (empty dicts for the steps not run).
+    """
+    mode = cfp_mode(mode)
+    stats: dict[str, dict[str, int]] = {"outlier_channels": {}, "truncated_weights": {}}
+    if mode == "none":
+        return stats
+    rule = {"distance": distance, "log_space": log_space, "clip_to": clip_to}
+    if mode == "weight_act":
+        stats["outlier_channels"] = scale_activation_outliers(
+            adapter, block_index, hidden, ctx, lambda1, lambda2, batch_size=batch_size, **rule
+        )
+    block = adapter.blocks()[block_index]
+    stats["truncated_weights"] = truncate_block_weights(
+        adapter, block, lambda1, lambda2, protect_scaled=protect_scaled, **rule
+    )
+    return stats
+
+
+def cfp_mode(mode: str | Enum) -> str:
+    """``"none"``, ``"weight"`` or ``"weight_act"`` from a string or a str-Enum member."""
+    name = str(getattr(mode, "value", mode)).replace("+", "_")
+    if name not in MODES:
+        raise ValueError(f"CFP mode must be one of {MODES} (or 'weight+act'), got {mode!r}")
+    return name
+
+
+def _record_scaled_columns(group: ScaleGroup, scaled: torch.Tensor) -> None:
+    columns = group.expand(scaled).cpu()
+    for consumer in group.consumers:
+        inner = getattr(consumer, "linear", consumer)
+        previous = getattr(inner, SCALED_COLUMNS_ATTR, None)
+        setattr(inner, SCALED_COLUMNS_ATTR, columns if previous is None else previous | columns)

@@ -1,0 +1,48 @@
+"""Block reconstruction distances: L2, KL over the hidden dimension, and their sum.
+
+``D(a, b) = w_l2 * mean((a - b)^2) + w_kl * KL(softmax(b) || softmax(a))``, where ``a`` is the
+quantized output, ``b`` the FP target, the softmax runs over the hidden dimension of each
+token and the KL is averaged over tokens. The L2 term is a mean over elements (as in
+OmniQuant's block MSE), so its weight does not depend on the hidden size.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch.nn import functional
+
+
+class LossKind(str, Enum):
+    l2 = "l2"
+    kl = "kl"
+    l2_kl = "l2_kl"
+
+
+def l2_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return functional.mse_loss(output.float(), target.float())
+
+
+def kl_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(output)) per token, averaged over tokens."""
+    hidden = output.shape[-1]
+    log_q = functional.log_softmax(output.float().reshape(-1, hidden), dim=-1)
+    log_p = functional.log_softmax(target.float().reshape(-1, hidden), dim=-1)
+    return functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def reconstruction_distance(
+    output: torch.Tensor,
+    target: torch.Tensor,
+    kind: LossKind,
+    l2_weight: float = 1.0,
+    kl_weight: float = 1.0,
+) -> torch.Tensor:
+    kind = LossKind(kind)
+    total = output.new_zeros((), dtype=torch.float32)
+    if kind in (LossKind.l2, LossKind.l2_kl):
+        total = total + l2_weight * l2_distance(output, target)
+    if kind in (LossKind.kl, LossKind.l2_kl):
+        total = total + kl_weight * kl_distance(output, target)
+    return total

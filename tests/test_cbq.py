@@ -1,0 +1,217 @@
+"""CBQ: windows, LoRA-Rounding, losses and the CBD trainer on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cbq.blockwise import embed_batches
+from cbq.cbd import CBDTrainer, TrainerSettings, window_schedule
+from cbq.config import QuantConfig
+from cbq.losses import kl_distance, l2_distance, reconstruction_distance
+from cbq.models import adapter_for, tiny_model
+from cbq.quant import Granularity, QuantSpec, WeightQuantizer, quant_linears, wrap_block
+from cbq.quant.rounding import AdaRound, LoRARounding, learnable_parameters, rectified_sigmoid
+
+W2G16 = QuantConfig(name="w2a16g16", w_bits=2, w_granularity="per_group", w_group_size=16)
+W4A8 = QuantConfig(name="w4a8", w_bits=4, a_bits=8)
+
+
+@pytest.mark.parametrize(
+    "n,size,overlap,expected",
+    [
+        (4, 2, 1, [(0, 2, 1), (1, 3, 2), (2, 4, 4)]),
+        (4, 1, 0, [(0, 1, 1), (1, 2, 2), (2, 3, 3), (3, 4, 4)]),
+        (5, 2, 0, [(0, 2, 2), (2, 4, 4), (4, 5, 5)]),
+        (4, 4, 1, [(0, 4, 4)]),
+        (6, 4, 2, [(0, 4, 2), (2, 6, 6)]),
+    ],
+)
+def test_window_schedule(n, size, overlap, expected):
+    schedule = window_schedule(n, size, overlap)
+    assert schedule == expected
+    committed = [i for start, _, commit_end in schedule for i in range(start, commit_end)]
+    assert committed == list(range(n))  # every block committed exactly once, in order
+
+
+def test_window_schedule_rejects_overlap_not_below_size():
+    with pytest.raises(ValueError, match="overlap"):
+        window_schedule(4, 2, 2)
+
+
+def test_losses_hand_values():
+    a, b = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 1.0]])
+    assert l2_distance(a, b).item() == pytest.approx(0.5)
+    assert kl_distance(b, b).item() == pytest.approx(0.0, abs=1e-7)
+    p = torch.softmax(b, -1)
+    q = torch.softmax(a, -1)
+    expected_kl = (p * (p / q).log()).sum().item()
+    assert kl_distance(a, b).item() == pytest.approx(expected_kl, rel=1e-6)
+    both = reconstruction_distance(a, b, "l2_kl", l2_weight=2.0, kl_weight=3.0)
+    assert both.item() == pytest.approx(2 * 0.5 + 3 * expected_kl, rel=1e-6)
+
+
+def _quantizer(weight: torch.Tensor) -> WeightQuantizer:
+    spec = QuantSpec(bits=3, granularity=Granularity.per_group, group_size=16)
+    return WeightQuantizer(spec, weight)
+
+
+def test_lora_rounding_starts_at_round_to_nearest():
+    weight = torch.randn(24, 48, generator=torch.Generator().manual_seed(0))
+    quantizer = _quantizer(weight)
+    rounding = LoRARounding(weight, rank=4, generator=torch.Generator().manual_seed(1))
+    scale = quantizer.expand(quantizer.scale, weight)
+    rtn = quantizer(weight)
+    soft = quantizer(weight, rounding)
+    assert ((soft - rtn).abs() / scale).max().item() < 0.05  # soft start: within 0.05 step
+    rounding.harden()
+    torch.testing.assert_close(quantizer(weight, rounding), rtn)  # hard start: exactly RTN
+    assert set(rounding(weight / scale).unique().tolist()) <= {0.0, 1.0}
+
+
+def test_learned_rounding_follows_the_step_size():
+    """A learned deviation stays a deviation from RTN when the step size changes."""
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(2))
+    quantizer = _quantizer(weight)
+    rounding = LoRARounding(weight, rank=2)
+    rounding.harden()
+    quantizer.scale.data.mul_(0.8)
+    torch.testing.assert_close(quantizer(weight, rounding), quantizer(weight))
+
+
+def test_lora_rounding_counts_fewer_parameters_than_adaround():
+    weight = torch.randn(64, 256)
+    quantizer = _quantizer(weight)
+    lora = LoRARounding(weight, rank=5)
+    full = AdaRound(weight)
+    assert learnable_parameters(lora) == 5 * (64 + 256)
+    assert learnable_parameters(full) == 64 * 256
+    assert rectified_sigmoid(torch.tensor([-10.0, 0.0, 10.0])).tolist() == pytest.approx(
+        [0, 0.5, 1]
+    )
+
+
+def make_trainer(tmp_path, model, quant=W2G16, **overrides):
+    settings = TrainerSettings(**{"epochs": 2, "batch_size": 2, "rank": 2, **overrides})
+    return CBDTrainer(adapter_for(model), quant, settings, torch.device("cpu"), tmp_path)
+
+
+def calibration(n=4, seqlen=24, vocab=512):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+def output_error(model, reference, ids):
+    with torch.no_grad():
+        quantized = adapter_for(model).forward_blocks(ids)
+        return (quantized - adapter_for(reference).forward_blocks(ids)).pow(2).mean().item()
+
+
+def rtn_model(model, quant):
+    rtn = copy.deepcopy(model)
+    adapter = adapter_for(rtn)
+    for block in adapter.blocks():
+        for qlinear in wrap_block(
+            block, adapter.linear_names(), quant.weight_spec(), quant.act_spec()
+        ).values():
+            qlinear.materialize()
+    return rtn
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_cbq_reconstructs_better_than_rtn(tmp_path, family):
+    """Default CBQ (LoRA-Rounding, K=2, L2+KL, homologous, CFP) against RTN at W2 g16, on the
+    calibration data and on held-out sequences (measured: about 0.6x / 0.85x RTN's error)."""
+    fp = tiny_model(family)
+    calib = calibration(n=16, seqlen=32)
+    held_out = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(5))
+    cbq_model = copy.deepcopy(fp)
+    make_trainer(tmp_path, cbq_model, epochs=3).run(calib)
+    rtn = rtn_model(fp, W2G16)
+    for ids in (calib, held_out):
+        cbq_error, rtn_error = output_error(cbq_model, fp, ids), output_error(rtn, fp, ids)
+        assert cbq_error < 0.95 * rtn_error, (cbq_error, rtn_error)
+
+
+def deep_llama():
+    return tiny_model("llama", num_hidden_layers=4)
+
+
+def test_every_block_committed_and_materialized(tmp_path):
+    model = deep_llama()
+    stats = make_trainer(tmp_path, model, quant=W4A8, window_size=2, window_overlap=1).run(
+        calibration()
+    )
+    blocks = adapter_for(model).blocks()
+    assert [w["blocks"] for w in stats["windows"]] == [[0, 2], [1, 3], [2, 4]]
+    for block in blocks:
+        qlinears = [q for _, q in quant_linears(block)]
+        assert qlinears and all(q.weight_materialized and q.rounding is None for q in qlinears)
+        assert all(q.act_quantizer.calibrated for q in qlinears)
+        assert not any(p.requires_grad for p in block.parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"rounding": "nearest", "loss": "l2", "homologous": False, "cfp_mode": "none"},
+        {"rounding": "adaround", "loss": "kl", "cfp_mode": "weight"},
+        {"rounding": "lora", "loss": "l2_kl", "window_size": 1, "window_overlap": 0},
+        {"rounding": "lora", "cache": "disk", "window_size": 3, "window_overlap": 1},
+    ],
+)
+def test_component_variants_run(tmp_path, overrides):
+    model = tiny_model("llama")
+    stats = make_trainer(tmp_path, model, **overrides).run(calibration())
+    assert all(torch.isfinite(torch.tensor(w["final_loss"])) for w in stats["windows"])
+
+
+def test_interrupted_run_resumes_to_the_same_model(tmp_path):
+    calib = calibration()
+    uninterrupted = deep_llama()
+    make_trainer(tmp_path / "a", uninterrupted, quant=W4A8).run(calib)
+
+    interrupted = deep_llama()
+    trainer = make_trainer(tmp_path / "b", interrupted, quant=W4A8)
+    trainer.stop_after_window = 1  # of 3: block 2 is prepared and trained, not committed
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(calib)
+    resumed = deep_llama()  # a fresh process would reload the FP model
+    stats = make_trainer(tmp_path / "b", resumed, quant=W4A8).run(calib)
+    assert len(stats["windows"]) == 3
+
+    expected, actual = uninterrupted.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        if torch.is_tensor(expected[key]):
+            assert torch.equal(expected[key], actual[key]), key
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+    calib = calibration()
+    trainer = make_trainer(tmp_path, deep_llama())
+    trainer.stop_after_window = 0
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(calib)
+    with pytest.raises(RuntimeError, match="other settings"):
+        make_trainer(tmp_path, deep_llama(), epochs=5).run(calib)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
+    import cbq.cbd
+
+    monkeypatch.setattr(
+        cbq.cbd, "reconstruction_distance", lambda *a, **k: torch.tensor(float("nan"))
+    )
+    with pytest.raises(FloatingPointError, match=r"window 0 \(blocks 0-1\).*loss is nan"):
+        make_trainer(tmp_path, tiny_model("llama")).run(calibration())
+
+
+def test_embed_batches_matches_model_embedding():
+    model = tiny_model("llama")
+    ids = calibration()
+    adapter = adapter_for(model)
+    torch.testing.assert_close(
+        embed_batches(adapter, ids, 3, torch.device("cpu")), adapter.embed(ids)
+    )

@@ -1,0 +1,201 @@
+"""Coarse-to-fine pre-processing on every tiny family, with a planted massive channel."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cbq.cfp import (
+    SCALED_COLUMNS_ATTR,
+    activation_channel_scales,
+    apply_cfp_to_block,
+    collect_channel_absmax,
+    scale_activation_outliers,
+    truncate_block_weights,
+    truncate_weight_outliers,
+)
+from cbq.models import ModelAdapter, ScaleGroup, adapter_for, tiny_model, tiny_tokenizer
+from cbq.models.adapter import consumer_weight
+from cbq.outliers import detect_outliers
+from cbq.quant.qlinear import wrap_block
+from cbq.quant.quantizer import QuantSpec
+
+FAMILIES = ["opt", "bloom", "llama", "qwen2", "mistral", "gemma3"]
+PLANTED = 5  # channel of the block-0 attention-input norm made 50x larger
+# clip_to="reserved" so that the lone planted channel is really scaled (with the default
+# "threshold" a single outlier channel gets s = 1).
+RULE = {"clip_to": "reserved"}
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    tokens = tiny_tokenizer()(
+        "The river runs past the old mill and under the stone bridge before it reaches "
+        "the sea. In the spring the water is high and fast, and in the summer it is low."
+    ).input_ids
+    return torch.tensor([tokens[:16], tokens[8:24]])
+
+
+def planted(family: str) -> tuple[nn.Module, ModelAdapter]:
+    """A tiny model whose block-0 ``attn_in`` norm makes channel PLANTED ~50x the others."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    norm = attn_in(adapter).producer
+    with torch.no_grad():
+        if family == "gemma3":  # x_hat * (1 + w)
+            norm.weight[PLANTED] = (1.0 + norm.weight[PLANTED]) * 50.0 - 1.0
+        else:
+            norm.weight[PLANTED] *= 50.0
+        if getattr(norm, "bias", None) is not None:
+            norm.bias[PLANTED] *= 50.0
+    return model, adapter
+
+
+def attn_in(adapter: ModelAdapter) -> ScaleGroup:
+    return next(g for g in adapter.scale_groups(adapter.blocks()[0]) if g.name == "attn_in")
+
+
+def logits(adapter: ModelAdapter, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return adapter.forward_blocks(ids)
+
+
+def block0_inputs(adapter: ModelAdapter, ids: torch.Tensor) -> tuple:
+    with torch.no_grad():
+        hidden = adapter.embed(ids)
+    return hidden, adapter.block_context(hidden)
+
+
+def weights(adapter: ModelAdapter) -> dict[str, torch.Tensor]:
+    block = adapter.blocks()[0]
+    return {name: consumer_weight(m).detach().clone() for name, m in adapter.linears(block).items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_scaling_finds_the_planted_channel_and_is_exact(
+    family: str, ids: torch.Tensor
+) -> None:
+    _, adapter = planted(family)
+    reference = logits(adapter, ids)
+    hidden, ctx = block0_inputs(adapter, ids)
+    absmax = collect_channel_absmax(adapter, 0, hidden, ctx)
+    group = attn_in(adapter)
+    assert set(absmax) == {g.name for g in adapter.scale_groups(adapter.blocks()[0])}
+    for g in adapter.scale_groups(adapter.blocks()[0]):
+        assert absmax[g.name].shape == (g.num_channels,) and bool((absmax[g.name] >= 0).all())
+    assert int(absmax["attn_in"].argmax()) == PLANTED
+
+    scale = activation_channel_scales(absmax["attn_in"], **RULE)
+    assert scale[PLANTED] > 5.0 and bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
+    assert detect_outliers(absmax["attn_in"]).mask[PLANTED]  # the paper's default finds it
+
+    norm_before = group.producer.weight.detach().clone()
+    found = scale_activation_outliers(adapter, 0, hidden, ctx, **RULE)
+    assert found["attn_in"] >= 1
+    assert not torch.equal(group.producer.weight, norm_before)  # really folded
+    after = logits(adapter, ids)
+    torch.testing.assert_close(after, reference, atol=1e-4 * float(reference.abs().max()), rtol=0)
+    # The planted channel is no longer an outlier of the block's attention input.
+    rescaled = collect_channel_absmax(adapter, 0, hidden, ctx)["attn_in"]
+    assert float(rescaled[PLANTED]) < 0.2 * float(absmax["attn_in"][PLANTED])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_truncation_only_touches_outliers(family: str, ids: torch.Tensor) -> None:
+    _, adapter = planted(family)
+    hidden, ctx = block0_inputs(adapter, ids)
+    scale_activation_outliers(adapter, 0, hidden, ctx, **RULE)
+    block = adapter.blocks()[0]
+    before = weights(adapter)
+    truncated = truncate_block_weights(adapter, block, **RULE)
+    after = weights(adapter)
+    assert set(truncated) == set(adapter.linear_names()) and sum(truncated.values()) > 0
+    for name, linear in adapter.linears(block).items():
+        protected = getattr(linear, SCALED_COLUMNS_ATTR, None)
+        keep = torch.ones(before[name].shape[1], dtype=torch.bool)
+        if protected is not None:
+            keep = ~protected
+            # Columns that carry a scaled-up channel are left alone.
+            assert torch.equal(after[name][:, protected], before[name][:, protected])
+        old, new = before[name][:, keep], after[name][:, keep]
+        outliers = detect_outliers(old, **{k: v for k, v in RULE.items() if k != "clip_to"})
+        changed = old != new
+        assert int(changed.sum()) == truncated[name]
+        assert not bool((changed & ~outliers.mask).any())  # only outliers move
+        assert torch.equal(torch.sign(new[changed]), torch.sign(old[changed]))
+        if truncated[name]:
+            assert float(new.abs().max()) < float(old.abs().max())
+            torch.testing.assert_close(new[changed].abs().max(), new[~changed].abs().max())
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_full_cfp_on_a_block(family: str, ids: torch.Tensor) -> None:
+    """weight_act: exact scaling + truncation only of unprotected outliers: small change."""
+    _, adapter = planted(family)
+    reference = logits(adapter, ids)
+    hidden, ctx = block0_inputs(adapter, ids)
+    stats = apply_cfp_to_block(adapter, 0, hidden, ctx, "weight+act", **RULE)
+    assert stats["outlier_channels"]["attn_in"] >= 1 and sum(stats["truncated_weights"].values())
+    change = (logits(adapter, ids) - reference).abs().max()
+    assert 0 < change < 0.05 * reference.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mode_none_changes_nothing(family: str) -> None:
+    _, adapter = planted(family)
+    state = copy.deepcopy(adapter.model.state_dict())
+    # No forward pass either: hidden states of the wrong shape are never used.
+    stats = apply_cfp_to_block(adapter, 0, torch.empty(0), None, "none")  # type: ignore[arg-type]
+    assert stats == {"outlier_channels": {}, "truncated_weights": {}}
+    for key, value in adapter.model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_mode_weight_truncates_without_scaling(ids: torch.Tensor) -> None:
+    _, adapter = planted("llama")
+    norm = attn_in(adapter).producer.weight.detach().clone()
+    hidden, ctx = block0_inputs(adapter, ids)
+    stats = apply_cfp_to_block(adapter, 0, hidden, ctx, "weight", **RULE)
+    assert stats["outlier_channels"] == {} and sum(stats["truncated_weights"].values()) > 0
+    assert torch.equal(attn_in(adapter).producer.weight, norm)
+    with pytest.raises(ValueError, match="mode"):
+        apply_cfp_to_block(adapter, 0, hidden, ctx, "act")
+
+
+def test_default_threshold_clip_leaves_a_lone_outlier_alone() -> None:
+    weight = torch.randn(32, 16, generator=torch.Generator().manual_seed(0)) * 0.02
+    weight[0, 0] = 1.0
+    before = weight.clone()
+    result = truncate_weight_outliers(weight)
+    assert result.outlier_count == 1 and result.truncated == 0 and torch.equal(weight, before)
+    result = truncate_weight_outliers(weight, clip_to="reserved")
+    assert result.truncated == 1 and float(weight[0, 0]) == result.clip < 0.1
+    weight[1, 1], weight[2, 2] = -0.5, 0.6  # two far values: the gap rule takes both
+    result = truncate_weight_outliers(weight, distance="gap")
+    assert result.outlier_count == 2 and result.truncated == 1 and float(weight[2, 2]) == 0.5
+
+
+def test_truncation_reaches_the_linear_inside_a_quant_linear(ids: torch.Tensor) -> None:
+    _, adapter = planted("llama")
+    block = adapter.blocks()[0]
+    wrap_block(block, adapter.linear_names(), QuantSpec(bits=4), QuantSpec())
+    before = weights(adapter)
+    counts = truncate_block_weights(adapter, block, clip_to="reserved")
+    after = weights(adapter)
+    assert sum(counts.values()) > 0
+    assert sum(int((before[n] != after[n]).sum()) for n in before) == sum(counts.values())
+
+
+def test_absmax_batches_and_two_dimensional_inputs(ids: torch.Tensor) -> None:
+    """OPT's fc1/fc2 see (b*t, h) inputs; BLOOM tiles ALiBi per batch: chunks must agree."""
+    for family in ("opt", "bloom"):
+        _, adapter = planted(family)
+        hidden, ctx = block0_inputs(adapter, ids)
+        whole = collect_channel_absmax(adapter, 0, hidden, ctx)
+        chunked = collect_channel_absmax(adapter, 0, hidden, ctx, batch_size=1)
+        assert whole.keys() == chunked.keys()
+        for name in whole:
+            torch.testing.assert_close(whole[name], chunked[name])
