@@ -290,9 +290,9 @@ class CBDTrainer:
                 if not math.isfinite(loss_value):
                     bar.close()
                     raise FloatingPointError(
-                        f"CBQ window {number} (blocks {start}-{end - 1}), epoch {epoch}, step {step}: "
-                        f"loss is {loss_value}. Lower the learning rates (method.lr_*), use "
-                        "fp32 (method.bf16=false) or check the calibration data."
+                        f"CBQ window {number} (blocks {start}-{end - 1}), epoch {epoch}, "
+                        f"step {step}: loss is {loss_value}. Lower the learning rates "
+                        "(method.lr_*), use fp32 (method.bf16=false) or check the calibration data."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -302,8 +302,8 @@ def _cbq_component_problems(cfg: Config) -> list[str]:
         problems.append(f"window.size: {cfg.window.size} must be a positive integer")
     if not 0 <= cfg.window.overlap < max(cfg.window.size, 1):
         problems.append(
-            f"window.overlap: {cfg.window.overlap} is not allowed; allowed: 0..{cfg.window.size - 1}"
-            " (less than window.size)"
+            f"window.overlap: {cfg.window.overlap} is not allowed; "
+            f"allowed: 0..{cfg.window.size - 1} (less than window.size)"
         )
     if cfg.rounding.rank < 1:
         problems.append(f"rounding.rank: {cfg.rounding.rank} must be a positive integer")

@@ -83,7 +83,6 @@ def test_learned_rounding_follows_the_step_size():
 
 def test_lora_rounding_counts_fewer_parameters_than_adaround():
     weight = torch.randn(64, 256)
-    quantizer = _quantizer(weight)
     lora = LoRARounding(weight, rank=5)
     full = AdaRound(weight)
     assert learnable_parameters(lora) == 5 * (64 + 256)
