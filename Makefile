@@ -23,7 +23,7 @@ setup: $(VENV)/.installed
 
 # The main job: FP and RTN (W4A16) on packaged SmolLM2-135M and packaged Wikipedia text.
 run: setup
-	$(PY) -m cbq -m method=fp,rtn
+	$(PY) -m cbq -m method=fp,rtn data.max_eval_windows=16
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

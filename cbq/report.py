@@ -32,8 +32,19 @@ def load_results(root: Path) -> list[dict[str, Any]]:
     return records
 
 
+def setting(record: dict[str, Any]) -> str | None:
+    """The column a run belongs to in a results table: ``fp``, or the quant preset."""
+    config = record.get("config", {})
+    if config.get("method", {}).get("name") == "fp":
+        return "fp"
+    return config.get("quant", {}).get("name")
+
+
 def lookup(record: dict[str, Any], dotted: str) -> Any:
-    """``config.quant.name`` style lookups; bare keys are looked up in the config first."""
+    """``quant.name`` style lookups in the config, then in the record; ``setting`` is
+    derived (see :func:`setting`)."""
+    if dotted == "setting":
+        return setting(record)
     for root in (record.get("config", {}), record):
         node: Any = root
         for part in dotted.split("."):

@@ -49,11 +49,6 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.model.name}-{cfg.quant.name}-{cfg.method['name']}"
 
 
-def setting_name(cfg: Config) -> str:
-    """The column a run belongs to in a results table: the quant preset, or fp."""
-    return "fp" if cfg.method["name"] == "fp" else cfg.quant.name
-
-
 def calibration_record(cfg: Config, used: bool) -> dict[str, Any]:
     if not used:
         return {"corpus": None, "reason": f"method {cfg.method['name']} draws no calibration data"}
@@ -121,6 +116,7 @@ def _execute(
             adapter, calib, RunContext(device=device, run_dir=run_dir, log=tracker.log)
         )
     record.add_stats(stats)
+    model.to(device)  # methods may leave committed blocks offloaded to the CPU
     if cfg.eval.ppl:
         with record.phase("eval_ppl"):
             for corpus in cfg.data.eval:

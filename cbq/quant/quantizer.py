@@ -145,15 +145,27 @@ class WeightQuantizer(nn.Module):
         per_column = param.repeat_interleave(self.group_size, dim=1)[:, : weight.shape[-1]]
         return per_column
 
+    def _ungrouped(self, grouped: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_grouped`: drop the padding, restore the weight's shape."""
+        rows = grouped.shape[0]
+        return grouped.reshape(rows, -1)[:, : weight.numel() // rows].reshape(weight.shape)
+
     def forward(self, weight: torch.Tensor, rounding: nn.Module | None = None) -> torch.Tensor:
         """Fake-quantized weight; ``rounding`` maps ``W/s`` to offsets in [0, 1] added to
-        ``floor(W/s)`` (learned rounding) instead of rounding to nearest."""
+        ``floor(W/s)`` (learned rounding) instead of rounding to nearest.
+
+        Works on the grouped view with broadcast step sizes (no per-element copies of the
+        parameters, which roughly halves the wrapping overhead of per-group settings)."""
         if not self.spec.enabled:
             return weight
-        scale = self.expand(self.scale, weight).to(weight.dtype)
-        zero = self.expand(self.zero, weight).to(weight.dtype)
-        offsets = None if rounding is None else rounding(weight / scale)
-        return fake_quant(weight, scale, zero, self.spec.qmax, offsets)
+        grouped = self._grouped(weight)
+        scale = self.scale.unsqueeze(-1).to(weight.dtype)
+        zero = self.zero.unsqueeze(-1).to(weight.dtype)
+        offsets = None
+        if rounding is not None:
+            scaled = self._ungrouped(grouped / scale, weight)
+            offsets = self._grouped(rounding(scaled))
+        return self._ungrouped(fake_quant(grouped, scale, zero, self.spec.qmax, offsets), weight)
 
     def integers(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``weight`` in ``[0, 2^b - 1]`` (round to nearest)."""
