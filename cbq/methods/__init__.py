@@ -11,10 +11,11 @@ from cbq.config import Config
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.methods.cbq import CrossBlockQuantization
 from cbq.methods.fp import FullPrecision
+from cbq.methods.gptq import GPTQ
 from cbq.methods.rtn import RoundToNearest
 
 METHODS: dict[str, type[QuantMethod]] = {
-    m.name: m for m in (FullPrecision, RoundToNearest, CrossBlockQuantization)
+    m.name: m for m in (FullPrecision, RoundToNearest, GPTQ, CrossBlockQuantization)
 }
 
 
