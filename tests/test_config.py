@@ -57,7 +57,7 @@ def test_every_model_preset_composes(compose_cfg, preset):
         ("data.calib=not-a-corpus", "data.calib", "wiki-sample"),
         ("data.eval=[wiki-sample,nope]", "data.eval[1]", "lee-news"),
         ("data.n_samples=0", "data.n_samples", "positive"),
-        ("method.name=nope", "method.name", "fp, rtn"),
+        ("method.name=nope", "method.name", "fp, rtn, gptq"),
         ("+method.nope=1", "method.nope", ""),
     ],
 )

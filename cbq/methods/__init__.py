@@ -8,14 +8,25 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cbq.config import Config
+from cbq.methods.awq import AWQ
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.methods.cbq import CrossBlockQuantization
 from cbq.methods.fp import FullPrecision
 from cbq.methods.gptq import GPTQ
 from cbq.methods.rtn import RoundToNearest
+from cbq.methods.smoothquant import OutlierSuppressionPlus, SmoothQuant
 
 METHODS: dict[str, type[QuantMethod]] = {
-    m.name: m for m in (FullPrecision, RoundToNearest, GPTQ, CrossBlockQuantization)
+    m.name: m
+    for m in (
+        FullPrecision,
+        RoundToNearest,
+        GPTQ,
+        SmoothQuant,
+        OutlierSuppressionPlus,
+        AWQ,
+        CrossBlockQuantization,
+    )
 }
 
 
