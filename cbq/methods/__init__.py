@@ -13,6 +13,7 @@ from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.methods.cbq import CrossBlockQuantization
 from cbq.methods.fp import FullPrecision
 from cbq.methods.gptq import GPTQ
+from cbq.methods.omniquant import OmniQuant
 from cbq.methods.rtn import RoundToNearest
 from cbq.methods.smoothquant import OutlierSuppressionPlus, SmoothQuant
 
@@ -25,6 +26,7 @@ METHODS: dict[str, type[QuantMethod]] = {
         SmoothQuant,
         OutlierSuppressionPlus,
         AWQ,
+        OmniQuant,
         CrossBlockQuantization,
     )
 }
