@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from cbq import cfp
 from cbq.blockwise import embed_batches
 from cbq.config import QuantConfig
-from cbq.losses import reconstruction_distance
+from cbq.losses import check_finite, reconstruction_distance
 from cbq.models.adapter import ModelAdapter
 from cbq.quant import QuantLinear, observing_activations, quant_linears, wrap_block
 from cbq.quant.rounding import AdaRound, LoRARounding, SoftRounding
@@ -287,13 +287,13 @@ class CBDTrainer:
             for index in torch.randperm(n, generator=generator).split(self.s.batch_size):
                 loss = self._loss(start, end, index, roundings, step / total_steps)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    bar.close()
-                    raise FloatingPointError(
-                        f"CBQ window {number} (blocks {start}-{end - 1}), epoch {epoch}, "
-                        f"step {step}: loss is {loss_value}. Lower the learning rates "
-                        "(method.lr_*), use fp32 (method.bf16=false) or check the calibration data."
-                    )
+                check_finite(
+                    loss_value,
+                    f"CBQ window {number} (blocks {start}-{end - 1}), epoch {epoch}, step {step}",
+                    "Lower the learning rates (method.lr_*), use fp32 (method.bf16=false) or "
+                    "check the calibration data.",
+                    bar.close,
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

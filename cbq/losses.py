@@ -8,6 +8,8 @@ OmniQuant's block MSE), so its weight does not depend on the hidden size.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from enum import Enum
 
 import torch
@@ -46,3 +48,15 @@ def reconstruction_distance(
     if kind in (LossKind.kl, LossKind.l2_kl):
         total = total + kl_weight * kl_distance(output, target)
     return total
+
+
+def check_finite(
+    loss_value: float, where: str, advice: str, before_raise: Callable[[], object] | None = None
+) -> None:
+    """Raise ``FloatingPointError("{where}: loss is {loss_value}. {advice}")`` when the loss is
+    NaN or infinite, calling ``before_raise`` (say, a progress bar's ``close``) first."""
+    if math.isfinite(loss_value):
+        return
+    if before_raise is not None:
+        before_raise()
+    raise FloatingPointError(f"{where}: loss is {loss_value}. {advice}")

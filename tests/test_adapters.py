@@ -14,6 +14,8 @@ from cbq.models import BlockContext, ScaleGroup, adapter_for, tiny_model, tiny_t
 from cbq.models.adapter import consumer_weight, gqa_column_channels
 from cbq.models.tiny import TRAINING_TEXT, tiny_config
 
+from helpers import logits as blockwise_logits
+
 # name -> (tiny family, config overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "opt": ("opt", {}),
@@ -63,11 +65,6 @@ def ids() -> torch.Tensor:
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
-
-
-def blockwise_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return adapter_for(model).forward_blocks(ids)
 
 
 def random_scale(n: int, seed: int) -> torch.Tensor:

@@ -4,15 +4,13 @@ w2 g16 on tiny models, stats and config checks."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import cbq.methods
 from cbq.config import Config, QuantConfig
-from cbq.methods import RunContext, method_config, method_problems
+from cbq.methods import method_config, method_problems
 from cbq.methods.awq import AWQ, AWQConfig, evenly_spaced
 from cbq.methods.rtn import RoundToNearest, RTNConfig
 from cbq.models import adapter_for, tiny_model
@@ -25,29 +23,11 @@ from cbq.transforms import (
     quantize_weight,
 )
 
+from helpers import CPU, assert_on_grid, logits, logits_error, quantize_copy, tokens
+
 FAMILIES = ["opt", "bloom", "llama", "gemma3"]
 W3 = QuantConfig(name="w3a16", w_bits=3)
 W2G16 = QuantConfig(name="w2a16g16", w_bits=2, w_granularity="per_group", w_group_size=16)
-CPU = RunContext(torch.device("cpu"), Path())
-
-
-def tokens(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 512, (n, 32), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return adapter_for(model).forward_blocks(ids)
-
-
-def logits_error(model: nn.Module, reference: nn.Module, ids: torch.Tensor) -> float:
-    return (logits(model, ids) - logits(reference, ids)).pow(2).mean().item()
-
-
-def quantized(method_cls, cfg, quant: QuantConfig, fp: nn.Module, calib: torch.Tensor) -> tuple:
-    model = copy.deepcopy(fp)
-    stats = method_cls(cfg, Config(quant=quant)).quantize(adapter_for(model), calib, CPU)
-    return model, stats
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -57,7 +37,7 @@ def test_searched_scales_folded_leave_the_fp_logits_unchanged(family):
     model = copy.deepcopy(fp)
     adapter = adapter_for(model)
     method = AWQ(AWQConfig(clip=False), Config(quant=W3))
-    stream = CalibrationStream.embed(adapter, tokens(4, seed=0), 2, torch.device("cpu"))
+    stream = CalibrationStream.embed(adapter, tokens(4, seed=0), 2, CPU)
     alphas = []
     for index in range(len(adapter.blocks())):
         alphas += method.transform_block(adapter, index, stream)["alphas"].values()
@@ -122,8 +102,8 @@ def test_awq_beats_rtn_on_held_out_tokens(family, quant):
     30x channel, scales alone give 0.29-0.96 and AWQ 0.14-0.55."""
     fp = tiny_model(family)
     calib, held_out = tokens(16, seed=0), tokens(8, seed=5)
-    rtn, _ = quantized(RoundToNearest, RTNConfig(), quant, fp, calib)
-    model, stats = quantized(AWQ, AWQConfig(), quant, fp, calib)
+    rtn, _ = quantize_copy(RoundToNearest, RTNConfig(), quant, fp, calib)
+    model, stats = quantize_copy(AWQ, AWQConfig(), quant, fp, calib)
     ratio = logits_error(model, fp, held_out) / logits_error(rtn, fp, held_out)
     assert ratio < 0.85, ratio
     assert 0 < stats["mse_vs_rtn"] <= 1
@@ -133,9 +113,7 @@ def test_awq_beats_rtn_on_held_out_tokens(family, quant):
     assert len(stats["clip_ratios"]) == 2 * (len(adapter_for(fp).linear_names()) - 2)
     assert stats["n_quantized_linears"] == 2 * len(adapter_for(fp).linear_names())
     for _, qlinear in quant_linears(model):
-        weight = qlinear.linear.weight.detach()
-        assert qlinear.weight_materialized
-        assert torch.equal(qlinear.weight_quantizer(weight), weight)
+        assert_on_grid(qlinear)
 
 
 def test_config_is_checked(monkeypatch):

@@ -12,8 +12,10 @@ from cbq.cbd import CBDTrainer, TrainerSettings, window_schedule
 from cbq.config import QuantConfig
 from cbq.losses import kl_distance, l2_distance, reconstruction_distance
 from cbq.models import adapter_for, tiny_model
-from cbq.quant import Granularity, QuantSpec, WeightQuantizer, quant_linears, wrap_block
+from cbq.quant import Granularity, QuantSpec, WeightQuantizer, quant_linears
 from cbq.quant.rounding import AdaRound, LoRARounding, learnable_parameters, rectified_sigmoid
+
+from helpers import logits_error, rtn_model, tokens
 
 W2G16 = QuantConfig(name="w2a16g16", w_bits=2, w_granularity="per_group", w_group_size=16)
 W4A8 = QuantConfig(name="w4a8", w_bits=4, a_bits=8)
@@ -97,39 +99,18 @@ def make_trainer(tmp_path, model, quant=W2G16, **overrides):
     return CBDTrainer(adapter_for(model), quant, settings, torch.device("cpu"), tmp_path)
 
 
-def calibration(n=4, seqlen=24, vocab=512):
-    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
-
-
-def output_error(model, reference, ids):
-    with torch.no_grad():
-        quantized = adapter_for(model).forward_blocks(ids)
-        return (quantized - adapter_for(reference).forward_blocks(ids)).pow(2).mean().item()
-
-
-def rtn_model(model, quant):
-    rtn = copy.deepcopy(model)
-    adapter = adapter_for(rtn)
-    for block in adapter.blocks():
-        for qlinear in wrap_block(
-            block, adapter.linear_names(), quant.weight_spec(), quant.act_spec()
-        ).values():
-            qlinear.materialize()
-    return rtn
-
-
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_cbq_reconstructs_better_than_rtn(tmp_path, family):
     """Default CBQ (LoRA-Rounding, K=2, L2+KL, homologous, CFP) against RTN at W2 g16, on the
     calibration data and on held-out sequences (measured: about 0.6x / 0.85x RTN's error)."""
     fp = tiny_model(family)
-    calib = calibration(n=16, seqlen=32)
-    held_out = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(5))
+    calib = tokens(16, seed=0, seqlen=32)
+    held_out = tokens(4, seed=5)
     cbq_model = copy.deepcopy(fp)
     make_trainer(tmp_path, cbq_model, epochs=3).run(calib)
     rtn = rtn_model(fp, W2G16)
     for ids in (calib, held_out):
-        cbq_error, rtn_error = output_error(cbq_model, fp, ids), output_error(rtn, fp, ids)
+        cbq_error, rtn_error = logits_error(cbq_model, fp, ids), logits_error(rtn, fp, ids)
         assert cbq_error < 0.95 * rtn_error, (cbq_error, rtn_error)
 
 
@@ -140,7 +121,7 @@ def deep_llama():
 def test_every_block_committed_and_materialized(tmp_path):
     model = deep_llama()
     stats = make_trainer(tmp_path, model, quant=W4A8, window_size=2, window_overlap=1).run(
-        calibration()
+        tokens(4, seed=0, seqlen=24)
     )
     blocks = adapter_for(model).blocks()
     assert [w["blocks"] for w in stats["windows"]] == [[0, 2], [1, 3], [2, 4]]
@@ -162,12 +143,12 @@ def test_every_block_committed_and_materialized(tmp_path):
 )
 def test_component_variants_run(tmp_path, overrides):
     model = tiny_model("llama")
-    stats = make_trainer(tmp_path, model, **overrides).run(calibration())
+    stats = make_trainer(tmp_path, model, **overrides).run(tokens(4, seed=0, seqlen=24))
     assert all(torch.isfinite(torch.tensor(w["final_loss"])) for w in stats["windows"])
 
 
 def test_interrupted_run_resumes_to_the_same_model(tmp_path):
-    calib = calibration()
+    calib = tokens(4, seed=0, seqlen=24)
     uninterrupted = deep_llama()
     make_trainer(tmp_path / "a", uninterrupted, quant=W4A8).run(calib)
 
@@ -188,7 +169,7 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path):
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
-    calib = calibration()
+    calib = tokens(4, seed=0, seqlen=24)
     trainer = make_trainer(tmp_path, deep_llama())
     trainer.stop_after_window = 0
     with pytest.raises(KeyboardInterrupt):
@@ -204,12 +185,12 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
         cbq.cbd, "reconstruction_distance", lambda *a, **k: torch.tensor(float("nan"))
     )
     with pytest.raises(FloatingPointError, match=r"window 0 \(blocks 0-1\).*loss is nan"):
-        make_trainer(tmp_path, tiny_model("llama")).run(calibration())
+        make_trainer(tmp_path, tiny_model("llama")).run(tokens(4, seed=0, seqlen=24))
 
 
 def test_embed_batches_matches_model_embedding():
     model = tiny_model("llama")
-    ids = calibration()
+    ids = tokens(4, seed=0, seqlen=24)
     adapter = adapter_for(model)
     torch.testing.assert_close(
         embed_batches(adapter, ids, 3, torch.device("cpu")), adapter.embed(ids)

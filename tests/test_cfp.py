@@ -23,6 +23,8 @@ from cbq.outliers import detect_outliers
 from cbq.quant.qlinear import wrap_block
 from cbq.quant.quantizer import QuantSpec
 
+from helpers import logits
+
 FAMILIES = ["opt", "bloom", "llama", "qwen2", "mistral", "gemma3"]
 PLANTED = 5  # channel of the block-0 attention-input norm made 50x larger
 # clip_to="reserved" so that the lone planted channel is really scaled (with the default
@@ -58,11 +60,6 @@ def attn_in(adapter: ModelAdapter) -> ScaleGroup:
     return next(g for g in adapter.scale_groups(adapter.blocks()[0]) if g.name == "attn_in")
 
 
-def logits(adapter: ModelAdapter, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return adapter.forward_blocks(ids)
-
-
 def block0_inputs(adapter: ModelAdapter, ids: torch.Tensor) -> tuple:
     with torch.no_grad():
         hidden = adapter.embed(ids)
@@ -79,7 +76,7 @@ def test_activation_scaling_finds_the_planted_channel_and_is_exact(
     family: str, ids: torch.Tensor
 ) -> None:
     _, adapter = planted(family)
-    reference = logits(adapter, ids)
+    reference = logits(adapter.model, ids)
     hidden, ctx = block0_inputs(adapter, ids)
     absmax = collect_channel_absmax(adapter, 0, hidden, ctx)
     group = attn_in(adapter)
@@ -96,7 +93,7 @@ def test_activation_scaling_finds_the_planted_channel_and_is_exact(
     found = scale_activation_outliers(adapter, 0, hidden, ctx, **RULE)
     assert found["attn_in"] >= 1
     assert not torch.equal(group.producer.weight, norm_before)  # really folded
-    after = logits(adapter, ids)
+    after = logits(adapter.model, ids)
     torch.testing.assert_close(after, reference, atol=1e-4 * float(reference.abs().max()), rtol=0)
     # The planted channel is no longer an outlier of the block's attention input.
     rescaled = collect_channel_absmax(adapter, 0, hidden, ctx)["attn_in"]
@@ -135,11 +132,11 @@ def test_weight_truncation_only_touches_outliers(family: str, ids: torch.Tensor)
 def test_full_cfp_on_a_block(family: str, ids: torch.Tensor) -> None:
     """weight_act: exact scaling + truncation only of unprotected outliers: small change."""
     _, adapter = planted(family)
-    reference = logits(adapter, ids)
+    reference = logits(adapter.model, ids)
     hidden, ctx = block0_inputs(adapter, ids)
     stats = apply_cfp_to_block(adapter, 0, hidden, ctx, "weight+act", **RULE)
     assert stats["outlier_channels"]["attn_in"] >= 1 and sum(stats["truncated_weights"].values())
-    change = (logits(adapter, ids) - reference).abs().max()
+    change = (logits(adapter.model, ids) - reference).abs().max()
     assert 0 < change < 0.05 * reference.abs().max()
 
 

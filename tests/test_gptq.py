@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
 from cbq.blockwise import context_for, embed_batches
-from cbq.config import Config, QuantConfig
-from cbq.methods import METHODS, RunContext
+from cbq.config import QuantConfig
+from cbq.methods import METHODS
 from cbq.methods.gptq import (
     GPTQ,
     BlockStream,
@@ -23,8 +19,7 @@ from cbq.methods.gptq import (
     gptq_solve,
     quantize_linear,
 )
-from cbq.methods.rtn import RoundToNearest, RTNConfig
-from cbq.models import adapter_for, tiny_model, tiny_tokenizer
+from cbq.models import adapter_for, tiny_model
 from cbq.quant import (
     Granularity,
     QuantLinear,
@@ -35,7 +30,15 @@ from cbq.quant import (
     quant_linears,
     wrap_block,
 )
-from cbq.run import run
+
+from helpers import (
+    assert_on_grid,
+    logits_error,
+    quantize_copy,
+    rtn_method_model,
+    rtn_model,
+    tokens,
+)
 
 FP = QuantSpec(bits=16)
 W3 = QuantSpec(bits=3, granularity=Granularity.per_channel)
@@ -71,12 +74,6 @@ def gptq_linear(spec: QuantSpec, cfg: GPTQConfig, x: torch.Tensor) -> tuple[Quan
     qlinear = QuantLinear(linear, spec, FP)
     quantize_linear(qlinear, hessian_of(x), cfg, "test.linear")
     return qlinear, original
-
-
-def assert_on_grid(qlinear: QuantLinear) -> None:
-    weight = qlinear.linear.weight.detach()
-    assert qlinear.weight_materialized
-    assert torch.equal(qlinear.weight_quantizer(weight), weight)
 
 
 @pytest.mark.parametrize(
@@ -185,32 +182,8 @@ W2G16_RUN = QuantConfig(name="w2a16g16", w_bits=2, w_granularity="per_group", w_
 W4A8_RUN = QuantConfig(name="w4a8", w_bits=4, a_bits=8)
 
 
-def tokens(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 512, (n, 32), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_error(model: nn.Module, reference: nn.Module, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        quantized = adapter_for(model).forward_blocks(ids)
-        return (quantized - adapter_for(reference).forward_blocks(ids)).pow(2).mean().item()
-
-
-def rtn_model(model: nn.Module, quant: QuantConfig) -> nn.Module:
-    rtn = copy.deepcopy(model)
-    adapter = adapter_for(rtn)
-    for block in adapter.blocks():
-        for qlinear in wrap_block(
-            block, adapter.linear_names(), quant.weight_spec(), quant.act_spec()
-        ).values():
-            qlinear.materialize()
-    return rtn
-
-
 def gptq_model(model: nn.Module, quant: QuantConfig, calib: torch.Tensor, **cfg) -> tuple:
-    quantized = copy.deepcopy(model)
-    method = GPTQ(GPTQConfig(**cfg), Config(quant=quant))
-    stats = method.quantize(adapter_for(quantized), calib, RunContext(torch.device("cpu"), Path()))
-    return quantized, stats
+    return quantize_copy(GPTQ, GPTQConfig(**cfg), quant, model, calib)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -231,14 +204,6 @@ def test_gptq_model_beats_rtn_on_held_out_tokens(family, quant):
     assert stats["n_quantized_linears"] == len(stats["layers"]) == n_linears
     for _, qlinear in quant_linears(quantized):
         assert_on_grid(qlinear)
-
-
-def rtn_method_model(model: nn.Module, quant: QuantConfig, calib: torch.Tensor) -> nn.Module:
-    """``method=rtn``, which also calibrates static activation ranges."""
-    rtn = copy.deepcopy(model)
-    method = RoundToNearest(RTNConfig(), Config(quant=quant))
-    method.quantize(adapter_for(rtn), calib, RunContext(torch.device("cpu"), Path()))
-    return rtn
 
 
 def test_variants_and_static_activations_beat_rtn():
@@ -283,42 +248,11 @@ def test_true_sequential_stages_follow_execution_and_shared_inputs(family, expec
 
 
 # --- a run through the Hydra entry point ------------------------------------------------------
-@pytest.fixture(scope="module")
-def saved_llama(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from cbq.models.tiny import TRAINING_TEXT
-
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text((TRAINING_TEXT + "\n") * 20)
-    return path
-
-
-def test_gptq_runs_through_hydra(compose_cfg, saved_llama, corpus, tmp_path):
-    cfg = compose_cfg(
-        [
-            "model.name=tiny",
-            f"model.path={saved_llama}",
-            f"data.calib={corpus}",
-            f"data.eval=[{corpus}]",
-            "data.n_samples=4",
-            "data.seqlen=32",
-            "data.max_eval_windows=4",
-            "logger=disabled",
-            "method=gptq",
-            "quant=w3a16g128",
-            "method.act_order=true",
-        ]
+def test_gptq_runs_through_hydra(tiny_run, tiny_corpus):
+    metrics, record = tiny_run(
+        "llama", "method=gptq", "quant=w3a16g128", "method.act_order=true", max_eval_windows=4
     )
-    metrics = run(cfg, tmp_path)
-    record = json.loads((tmp_path / "results.json").read_text())
-    assert record["status"] == "finished" and metrics[f"ppl/{corpus.stem}"] > 1
+    assert record["status"] == "finished" and metrics[f"ppl/{tiny_corpus.stem}"] > 1
     assert record["config"]["method"]["act_order"] is True
     assert record["calibration"]["n_samples"] == 4
     assert record["stats"]["n_quantized_linears"] == 14 and record["stats"]["error_vs_rtn"] < 1

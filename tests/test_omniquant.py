@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,8 @@ from torch import nn
 
 import cbq.methods
 import cbq.methods.omniquant as omniquant
-from cbq.config import Config, QuantConfig
-from cbq.methods import RunContext, method_config, method_problems
+from cbq.config import QuantConfig
+from cbq.methods import method_config, method_problems
 from cbq.methods.omniquant import (
     BlockTransform,
     LearnableClip,
@@ -24,7 +22,7 @@ from cbq.methods.omniquant import (
     build_transform,
 )
 from cbq.methods.rtn import RoundToNearest, RTNConfig
-from cbq.models import adapter_for, tiny_model, tiny_tokenizer
+from cbq.models import adapter_for, tiny_model
 from cbq.quant import (
     ActQuantizer,
     Granularity,
@@ -33,14 +31,22 @@ from cbq.quant import (
     quant_linears,
     wrap_block,
 )
-from cbq.run import run
+
+from helpers import (
+    assert_on_grid,
+    logits,
+    logits_error,
+    quantize_copy,
+    rtn_method_model,
+    rtn_model,
+    tokens,
+)
 
 FP_RUN = QuantConfig(name="fp", w_bits=16)
 W3_RUN = QuantConfig(name="w3a16", w_bits=3)
 W2G16_RUN = QuantConfig(name="w2a16g16", w_bits=2, w_granularity="per_group", w_group_size=16)
 W4A8_RUN = QuantConfig(name="w4a8", w_bits=4, a_bits=8)
 W4A4_RUN = QuantConfig(name="w4a4", w_bits=4, a_bits=4, a_granularity="per_token", a_dynamic=True)
-CPU = torch.device("cpu")
 
 # name -> (tiny family, config overrides); qwen2 has a v_proj bias but no o_proj bias.
 VARIANTS = {
@@ -62,26 +68,11 @@ LET_GROUPS = {
 }
 
 
-def tokens(n: int, seed: int, seqlen: int = 32) -> torch.Tensor:
-    return torch.randint(0, 512, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return adapter_for(model).forward_blocks(ids)
-
-
-def logits_error(model: nn.Module, reference: nn.Module, ids: torch.Tensor) -> float:
-    return (logits_of(model, ids) - logits_of(reference, ids)).pow(2).mean().item()
-
-
-def assert_on_grid(model: nn.Module) -> None:
+def assert_model_on_grid(model: nn.Module) -> None:
     qlinears = [q for _, q in quant_linears(model)]
     assert qlinears
     for qlinear in qlinears:
-        weight = qlinear.linear.weight.detach()
-        assert qlinear.weight_materialized
-        assert torch.equal(qlinear.weight_quantizer(weight), weight)
+        assert_on_grid(qlinear)
 
 
 def randomized_transforms(
@@ -100,8 +91,8 @@ def randomized_transforms(
                 if let.shift is not None:
                     let.shift.copy_(torch.randn(let.shift.shape, generator=generator) * 0.3)
             for clip in transform.clips.values():
-                for logits in (clip.upper, clip.lower):
-                    logits.copy_(1.0 + 2.0 * torch.rand(logits.shape, generator=generator))
+                for bound in (clip.upper, clip.lower):
+                    bound.copy_(1.0 + 2.0 * torch.rand(bound.shape, generator=generator))
         transforms.append(transform)
     return transforms
 
@@ -131,13 +122,13 @@ def test_let_is_exact_on_the_fly_and_folded(variant):
     groups, shifted = LET_GROUPS[variant]
     assert [let.group.name for let in transforms[0].lets] == groups
     assert [let.group.name for let in transforms[0].lets if let.shift is not None] == shifted
-    expected = logits_of(fp, ids)
+    expected = logits(fp, ids)
     torch.testing.assert_close(run_transformed(model, transforms, ids, False), expected)
     consumer = transforms[0].lets[0].group.consumers[0].linear.weight
     before = consumer.detach().clone()
     for transform in transforms:
         transform.fold()
-    torch.testing.assert_close(logits_of(model, ids), expected)
+    torch.testing.assert_close(logits(model, ids), expected)
     assert not torch.equal(consumer, before)  # the fold did move the weights
 
 
@@ -151,8 +142,8 @@ def test_commit_reproduces_the_trained_forward_on_the_grid(family):
     trained = run_transformed(model, transforms, ids, quantize=True)
     for transform in transforms:
         transform.commit()
-    torch.testing.assert_close(logits_of(model, ids), trained)
-    assert_on_grid(model)
+    torch.testing.assert_close(logits(model, ids), trained)
+    assert_model_on_grid(model)
 
 
 # --- LWC -----------------------------------------------------------------------------------
@@ -210,19 +201,8 @@ def test_lwc_learns_a_tighter_clip_than_min_max():
 
 
 # --- the method on tiny models -------------------------------------------------------------
-def rtn_model(model: nn.Module, quant: QuantConfig, calib: torch.Tensor) -> nn.Module:
-    """``method=rtn`` (min-max weights, static activation ranges from the calibration)."""
-    rtn = copy.deepcopy(model)
-    method = RoundToNearest(RTNConfig(), Config(quant=quant))
-    method.quantize(adapter_for(rtn), calib, RunContext(CPU, Path()))
-    return rtn
-
-
 def omniquant_model(model: nn.Module, quant: QuantConfig, calib: torch.Tensor, **cfg) -> tuple:
-    quantized = copy.deepcopy(model)
-    method = OmniQuant(OmniQuantConfig(**cfg), Config(quant=quant))
-    stats = method.quantize(adapter_for(quantized), calib, RunContext(CPU, Path()))
-    return quantized, stats
+    return quantize_copy(OmniQuant, OmniQuantConfig(**cfg), quant, model, calib)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -236,10 +216,10 @@ def test_omniquant_beats_rtn_on_held_out_tokens(family, quant):
     calib, held_out = tokens(16, seed=0), tokens(16, seed=5)
     quantized, stats = omniquant_model(fp, quant, calib)
     ratio = logits_error(quantized, fp, held_out) / logits_error(
-        rtn_model(fp, quant, calib), fp, held_out
+        rtn_method_model(fp, quant, calib), fp, held_out
     )
     assert ratio < 0.95, ratio
-    assert_on_grid(quantized)
+    assert_model_on_grid(quantized)
     assert stats["n_quantized_linears"] == 2 * len(adapter_for(fp).linear_names())
     for block in stats["blocks"]:
         assert block["final_loss"] < block["first_loss"]
@@ -253,8 +233,8 @@ def test_static_activations_and_aug_loss():
     calib, held_out = tokens(8, seed=0), tokens(8, seed=5)
     quantized, _ = omniquant_model(fp, W4A8_RUN, calib, epochs=3, aug_loss=True)
     assert all(q.act_quantizer.calibrated for _, q in quant_linears(quantized))
-    assert_on_grid(quantized)
-    rtn = rtn_model(fp, W4A8_RUN, calib)
+    assert_model_on_grid(quantized)
+    rtn = rtn_method_model(fp, W4A8_RUN, calib)
     assert logits_error(quantized, fp, held_out) < 0.8 * logits_error(rtn, fp, held_out)
 
 
@@ -265,7 +245,7 @@ def test_dynamic_activations_under_bf16_autocast():
     assert all(math.isfinite(b["final_loss"]) for b in stats["blocks"])
     # The training-time stand-ins are gone.
     assert all(type(q.act_quantizer) is ActQuantizer for _, q in quant_linears(quantized))
-    assert_on_grid(quantized)
+    assert_model_on_grid(quantized)
 
 
 def test_dynamic_ranges_follow_the_input_in_the_backward_pass():
@@ -288,13 +268,7 @@ def test_dynamic_ranges_follow_the_input_in_the_backward_pass():
 def test_without_lwc_and_let_it_is_rtn():
     fp = tiny_model("llama")
     quantized, _ = omniquant_model(fp, W2G16_RUN, tokens(4, seed=0), lwc=False, let=False)
-    expected = copy.deepcopy(fp)
-    adapter = adapter_for(expected)
-    for block in adapter.blocks():
-        for qlinear in wrap_block(
-            block, adapter.linear_names(), W2G16_RUN.weight_spec(), W2G16_RUN.act_spec()
-        ).values():
-            qlinear.materialize()
+    expected = rtn_model(fp, W2G16_RUN)
     actual, reference = quantized.state_dict(), expected.state_dict()
     assert actual.keys() == reference.keys()
     for key, value in actual.items():
@@ -320,14 +294,10 @@ def test_omniquant_on_cuda(family):
     cuda = torch.device("cuda")
     fp = tiny_model(family).to(cuda)
     calib, held_out = tokens(8, seed=0), tokens(8, seed=5).to(cuda)
-    quantized = copy.deepcopy(fp)
-    method = OmniQuant(OmniQuantConfig(epochs=2, bf16=True), Config(quant=W4A8_RUN))
-    method.quantize(adapter_for(quantized), calib, RunContext(cuda, Path()))
-    assert_on_grid(quantized)
-    rtn = copy.deepcopy(fp)
-    RoundToNearest(RTNConfig(), Config(quant=W4A8_RUN)).quantize(
-        adapter_for(rtn), calib, RunContext(cuda, Path())
-    )
+    cfg = OmniQuantConfig(epochs=2, bf16=True)
+    quantized, _ = quantize_copy(OmniQuant, cfg, W4A8_RUN, fp, calib, device=cuda)
+    assert_model_on_grid(quantized)
+    rtn, _ = quantize_copy(RoundToNearest, RTNConfig(), W4A8_RUN, fp, calib, device=cuda)
     assert logits_error(quantized, fp, held_out) < logits_error(rtn, fp, held_out)
 
 
@@ -351,30 +321,11 @@ def test_config_presets_and_checks(registered, compose_cfg):
     ]
 
 
-def test_omniquant_runs_through_hydra(registered, compose_cfg, tmp_path):
-    from cbq.models.tiny import TRAINING_TEXT
-
-    model_dir, corpus = tmp_path / "llama", tmp_path / "tiny.txt"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    corpus.write_text((TRAINING_TEXT + "\n") * 20)
-    cfg = compose_cfg(
-        [
-            "model.name=tiny",
-            f"model.path={model_dir}",
-            f"data.calib={corpus}",
-            f"data.eval=[{corpus}]",
-            "data.n_samples=4",
-            "data.seqlen=32",
-            "data.max_eval_windows=4",
-            "logger=disabled",
-            "method=omniquant_cpu",
-            "quant=w3a16g128",
-        ]
+def test_omniquant_runs_through_hydra(registered, tiny_run, tiny_corpus):
+    metrics, record = tiny_run(
+        "llama", "method=omniquant_cpu", "quant=w3a16g128", max_eval_windows=4
     )
-    metrics = run(cfg, tmp_path / "run")
-    record = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert record["status"] == "finished" and metrics[f"ppl/{corpus.stem}"] > 1
+    assert record["status"] == "finished" and metrics[f"ppl/{tiny_corpus.stem}"] > 1
     assert record["config"]["method"]["name"] == "omniquant"
     assert record["config"]["method"]["epochs"] == 2
     assert len(record["stats"]["blocks"]) == 2 and record["stats"]["n_quantized_linears"] == 14

@@ -9,76 +9,40 @@ from pathlib import Path
 
 import pytest
 
-from cbq.models import tiny_model, tiny_tokenizer
 from cbq.run import run
+
+from helpers import run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ["opt", "bloom", "llama", "gemma3"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A small English text file used as both calibration and evaluation corpus."""
-    from cbq.models.tiny import TRAINING_TEXT
-
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text((TRAINING_TEXT + "\n") * 20)
-    return path
-
-
-@pytest.fixture(scope="module")
-def saved_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    paths = {}
-    for family in FAMILIES:
-        paths[family] = root / family
-        tiny_model(family).save_pretrained(paths[family])
-        tiny_tokenizer().save_pretrained(paths[family])
-    return paths
-
-
-def overrides(model_dir: Path, corpus: Path, *extra: str) -> list[str]:
-    return [
-        "model.name=tiny",
-        f"model.path={model_dir}",
-        f"data.calib={corpus}",
-        f"data.eval=[{corpus}]",
-        "data.n_samples=4",
-        "data.seqlen=32",
-        "data.max_eval_windows=8",
-        "logger=disabled",
-        *extra,
-    ]
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fp_and_rtn_run_on_every_adapter(compose_cfg, saved_models, corpus, tmp_path, family):
-    fp = run(compose_cfg(overrides(saved_models[family], corpus, "method=fp")), tmp_path / "fp")
-    rtn = run(
-        compose_cfg(overrides(saved_models[family], corpus, "method=rtn", "quant=w2a16g64")),
-        tmp_path / "rtn",
-    )
+def test_fp_and_rtn_run_on_every_adapter(tiny_run, tiny_corpus, tmp_path, family):
+    fp, _ = tiny_run(family, "method=fp", run_dir=tmp_path / "fp")
+    rtn, _ = tiny_run(family, "method=rtn", "quant=w2a16g64", run_dir=tmp_path / "rtn")
     (metric,) = fp
-    assert metric == f"ppl/{corpus.stem}"
+    assert metric == f"ppl/{tiny_corpus.stem}"
     assert 1.0 < fp[metric] < 1e4
     assert rtn[metric] != pytest.approx(fp[metric], rel=1e-4)  # quantization changed the model
 
 
-def test_static_activation_rtn_calibrates(compose_cfg, saved_models, corpus, tmp_path):
-    metrics = run(
-        compose_cfg(overrides(saved_models["llama"], corpus, "method=rtn", "quant=w8a8")), tmp_path
-    )
-    record = json.loads((tmp_path / "results.json").read_text())
+def test_static_activation_rtn_calibrates(tiny_run, tiny_corpus):
+    metrics, record = tiny_run("llama", "method=rtn", "quant=w8a8")
     assert record["status"] == "finished"
-    assert record["calibration"] == {"corpus": str(corpus), "n_samples": 4, "seqlen": 32, "seed": 0}
+    assert record["calibration"] == {
+        "corpus": str(tiny_corpus),
+        "n_samples": 4,
+        "seqlen": 32,
+        "seed": 0,
+    }
     assert set(record["timing_s"]) >= {"load_model", "calibration_data", "quantize", "eval_ppl"}
     assert all(value >= 0 for value in record["timing_s"].values())
     assert metrics == record["metrics"]
 
 
-def test_results_file_records_provenance(compose_cfg, saved_models, corpus, tmp_path):
-    run(compose_cfg(overrides(saved_models["opt"], corpus, "method=rtn", "seed=7")), tmp_path)
-    record = json.loads((tmp_path / "results.json").read_text())
+def test_results_file_records_provenance(tiny_run):
+    _, record = tiny_run("opt", "method=rtn", "seed=7")
     assert record["seed"] == 7 and record["config"]["data"]["seed"] == 7
     assert record["versions"]["torch"] and record["versions"]["transformers"]
     assert record["versions"]["cbq"] == "0.1.0"
@@ -88,15 +52,15 @@ def test_results_file_records_provenance(compose_cfg, saved_models, corpus, tmp_
     assert record["calibration"]["corpus"] is None  # weight-only RTN draws no calibration data
 
 
-def test_failed_run_is_recorded(compose_cfg, corpus, tmp_path):
-    cfg = compose_cfg(overrides(tmp_path / "missing-model", corpus, "method=fp"))
+def test_failed_run_is_recorded(compose_cfg, tiny_corpus, tmp_path):
+    cfg = compose_cfg(run_overrides(tmp_path / "missing-model", tiny_corpus, "method=fp"))
     with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises
         run(cfg, tmp_path)
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "failed" and record["error"]
 
 
-def test_cli_multirun_writes_results_and_offline_wandb(saved_models, corpus, tmp_path):
+def test_cli_multirun_writes_results_and_offline_wandb(saved_tiny_model, tiny_corpus, tmp_path):
     sweep_dir = tmp_path / "sweep"
     command = [
         sys.executable,
@@ -105,8 +69,7 @@ def test_cli_multirun_writes_results_and_offline_wandb(saved_models, corpus, tmp
         "-m",
         "method=fp,rtn",
         "quant=w3a16",
-        *overrides(saved_models["llama"], corpus)[:-1],
-        "logger=wandb_offline",
+        *run_overrides(saved_tiny_model("llama"), tiny_corpus, logger="wandb_offline"),
         f"hydra.sweep.dir={sweep_dir}",
     ]
     result = subprocess.run(
@@ -151,22 +114,17 @@ def _clean_env() -> dict[str, str]:
     }
 
 
-def test_cbq_method_runs_through_hydra(compose_cfg, saved_models, corpus, tmp_path):
-    cfg = compose_cfg(
-        overrides(
-            saved_models["opt"],
-            corpus,
-            "method=cbq",
-            "quant=w4a8",
-            "method.epochs=1",
-            "window=k2_overlap1",
-            "rounding=lora",
-            "cfp=weight_act",
-        )
+def test_cbq_method_runs_through_hydra(tiny_run, tiny_corpus, tmp_path):
+    metrics, record = tiny_run(
+        "opt",
+        "method=cbq",
+        "quant=w4a8",
+        "method.epochs=1",
+        "window=k2_overlap1",
+        "rounding=lora",
+        "cfp=weight_act",
     )
-    metrics = run(cfg, tmp_path)
-    record = json.loads((tmp_path / "results.json").read_text())
-    assert record["status"] == "finished" and metrics[f"ppl/{corpus.stem}"] > 1
+    assert record["status"] == "finished" and metrics[f"ppl/{tiny_corpus.stem}"] > 1
     assert record["stats"]["windows"] and (tmp_path / "checkpoint" / "cbq.pt").exists()
     assert (
         record["stats"]["rounding_params_per_block"]["adaround"]

@@ -4,9 +4,7 @@ beating RTN at W8A8 / W4A8 with a planted activation-outlier channel, a Hydra ru
 from __future__ import annotations
 
 import copy
-import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from torch import nn
 
 import cbq.methods
 from cbq.config import Config, QuantConfig
-from cbq.methods import RunContext, method_config, method_problems
+from cbq.methods import method_config, method_problems
 from cbq.methods.rtn import RoundToNearest, RTNConfig
 from cbq.methods.smoothquant import (
     OSPlusConfig,
@@ -22,10 +20,9 @@ from cbq.methods.smoothquant import (
     SmoothQuant,
     SmoothQuantConfig,
 )
-from cbq.models import ModelAdapter, ScaleGroup, adapter_for, tiny_model, tiny_tokenizer
+from cbq.models import ModelAdapter, ScaleGroup, adapter_for, tiny_model
 from cbq.models.adapter import consumer_weight
 from cbq.quant import quant_linears
-from cbq.run import run
 from cbq.transforms import (
     CalibrationStream,
     capture_inputs,
@@ -36,25 +33,13 @@ from cbq.transforms import (
     weight_channel_absmax,
 )
 
+from helpers import CPU, assert_on_grid, logits, logits_error, quantize_copy, tokens
+
 FAMILIES = ["opt", "bloom", "llama", "gemma3"]
 W8A8 = QuantConfig(name="w8a8", w_bits=8, a_bits=8)
 W4A8 = QuantConfig(name="w4a8", w_bits=4, a_bits=8)
 W4A16 = QuantConfig(name="w4a16", w_bits=4)
 PLANTED = 5  # channel of every block's attention-input norm made 30x larger
-CPU = RunContext(torch.device("cpu"), Path())
-
-
-def tokens(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 512, (n, 32), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return adapter_for(model).forward_blocks(ids)
-
-
-def logits_error(model: nn.Module, reference: nn.Module, ids: torch.Tensor) -> float:
-    return (logits(model, ids) - logits(reference, ids)).pow(2).mean().item()
 
 
 def group(adapter: ModelAdapter, name: str, index: int = 0) -> ScaleGroup:
@@ -64,18 +49,12 @@ def group(adapter: ModelAdapter, name: str, index: int = 0) -> ScaleGroup:
 def transform_all_blocks(method, model: nn.Module, calib: torch.Tensor) -> list[dict]:
     """Fold the method's transforms into every (FP) block, without quantizing anything."""
     adapter = adapter_for(model)
-    stream = CalibrationStream.embed(adapter, calib, 2, torch.device("cpu"))
+    stream = CalibrationStream.embed(adapter, calib, 2, CPU)
     stats = []
     for index in range(len(adapter.blocks())):
         stats.append(method.transform_block(adapter, index, stream))
         stream.advance(index)
     return stats
-
-
-def quantized(method_cls, cfg, quant: QuantConfig, fp: nn.Module, calib: torch.Tensor) -> tuple:
-    model = copy.deepcopy(fp)
-    stats = method_cls(cfg, Config(quant=quant)).quantize(adapter_for(model), calib, CPU)
-    return model, stats
 
 
 # --- exactness --------------------------------------------------------------------------------
@@ -145,7 +124,7 @@ def test_bloom_value_shift_touches_only_the_value_rows():
 # --- statistics and scales ----------------------------------------------------------------------
 def test_captured_statistics_cover_every_token_and_sample_a_subset():
     adapter = adapter_for(tiny_model("llama"))
-    stream = CalibrationStream.embed(adapter, tokens(5, seed=0), 2, torch.device("cpu"))
+    stream = CalibrationStream.embed(adapter, tokens(5, seed=0), 2, CPU)
     names = ["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"]
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     block = adapter.blocks()[0]
@@ -213,17 +192,16 @@ def test_smoothing_beats_rtn_with_a_planted_outlier_channel(family, quant):
         x = adapter_for(fp).embed(held_out)
         norm_out = group(adapter_for(fp), "attn_in").producer(x).abs().amax((0, 1))
     assert norm_out[PLANTED] > 10 * norm_out.median()  # the outlier is there for everyone
-    rtn, _ = quantized(RoundToNearest, RTNConfig(), quant, fp, calib)
+    rtn, _ = quantize_copy(RoundToNearest, RTNConfig(), quant, fp, calib)
     rtn_error = logits_error(rtn, fp, held_out)
     for cls, cfg in [(SmoothQuant, SmoothQuantConfig()), (OutlierSuppressionPlus, OSPlusConfig())]:
-        model, stats = quantized(cls, cfg, quant, fp, calib)
+        model, stats = quantize_copy(cls, cfg, quant, fp, calib)
         error = logits_error(model, fp, held_out)
         assert error < 0.85 * rtn_error, (cls.name, error / rtn_error)
         assert stats["n_quantized_linears"] == 2 * len(adapter_for(fp).linear_names())
         for _, qlinear in quant_linears(model):
-            assert qlinear.weight_materialized and qlinear.act_quantizer.calibrated
-            weight = qlinear.linear.weight.detach()
-            assert torch.equal(qlinear.weight_quantizer(weight), weight)
+            assert qlinear.act_quantizer.calibrated
+            assert_on_grid(qlinear)
         if cls is OutlierSuppressionPlus:
             assert set(stats["alphas"].values()) <= {*cfg.alphas, None}
             assert 0 < stats["mse_vs_identity"] < 1
@@ -232,7 +210,7 @@ def test_smoothing_beats_rtn_with_a_planted_outlier_channel(family, quant):
 def test_weight_only_setting_warns_and_still_quantizes(caplog):
     fp = tiny_model("llama")
     with caplog.at_level(logging.WARNING):
-        model, stats = quantized(SmoothQuant, SmoothQuantConfig(), W4A16, fp, tokens(4, seed=0))
+        model, stats = quantize_copy(SmoothQuant, SmoothQuantConfig(), W4A16, fp, tokens(4, seed=0))
     assert "leaves activations in full precision" in caplog.text
     assert all(q.weight_materialized for _, q in quant_linears(model))
     assert stats["n_smoothed_groups"] == 2 * 4
@@ -250,43 +228,12 @@ def test_configs_are_checked(monkeypatch):
 
 
 # --- a run through the Hydra entry point ------------------------------------------------------
-@pytest.fixture(scope="module")
-def saved_opt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "opt"
-    tiny_model("opt").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from cbq.models.tiny import TRAINING_TEXT
-
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text((TRAINING_TEXT + "\n") * 20)
-    return path
-
-
-def test_osplus_runs_through_hydra(compose_cfg, saved_opt, corpus, tmp_path, monkeypatch):
+def test_osplus_runs_through_hydra(tiny_run, tiny_corpus, monkeypatch):
     monkeypatch.setitem(cbq.methods.METHODS, "osplus", OutlierSuppressionPlus)
-    cfg = compose_cfg(
-        [
-            "model.name=tiny",
-            f"model.path={saved_opt}",
-            f"data.calib={corpus}",
-            f"data.eval=[{corpus}]",
-            "data.n_samples=4",
-            "data.seqlen=32",
-            "data.max_eval_windows=4",
-            "logger=disabled",
-            "method=osplus",
-            "quant=w8a8",
-            "method.alphas=[0.4,0.6]",
-        ]
+    metrics, record = tiny_run(
+        "opt", "method=osplus", "quant=w8a8", "method.alphas=[0.4,0.6]", max_eval_windows=4
     )
-    metrics = run(cfg, tmp_path)
-    record = json.loads((tmp_path / "results.json").read_text())
-    assert record["status"] == "finished" and metrics[f"ppl/{corpus.stem}"] > 1
+    assert record["status"] == "finished" and metrics[f"ppl/{tiny_corpus.stem}"] > 1
     assert record["config"]["method"]["alphas"] == [0.4, 0.6]
     stats = record["stats"]
     assert stats["n_quantized_linears"] == 12 and stats["n_shifted_groups"] >= 1

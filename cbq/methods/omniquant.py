@@ -53,7 +53,6 @@ Choices, each with its reason:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,6 +65,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from cbq.blockwise import context_for, embed_batches, run_block
+from cbq.losses import check_finite
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup, check_scale
 from cbq.quant import (
@@ -674,13 +674,13 @@ class OmniQuant(QuantMethod):
             for batch in batches:
                 loss = self._loss(transform, data, batch)
                 value = loss.item()
-                if not math.isfinite(value):
-                    bar.close()
-                    raise FloatingPointError(
-                        f"OmniQuant block {data.index}, epoch {epoch}, step {step}: loss is "
-                        f"{value}. Lower method.let_lr / method.lwc_lr, use fp32 "
-                        "(method.bf16=false), try method.let=false, or check the calibration data."
-                    )
+                check_finite(
+                    value,
+                    f"OmniQuant block {data.index}, epoch {epoch}, step {step}",
+                    "Lower method.let_lr / method.lwc_lr, use fp32 (method.bf16=false), try "
+                    "method.let=false, or check the calibration data.",
+                    bar.close,
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
