@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 RESULTS_FILE = "results.json"
@@ -64,10 +66,35 @@ def git_state(repo: Path | None = None) -> dict[str, Any]:
     return {"sha": sha, "dirty": bool(status) if status is not None else None}
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+def process_peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+class RSSSampler:
+    """Peak RSS of this run alone: the process peak never resets, and a Hydra multirun runs
+    every job in one process, so the run's own peak is sampled in a background thread."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak_bytes = psutil.Process().memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(self.interval_s):
+            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / 2**20
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class RunRecord:
@@ -77,6 +104,9 @@ class RunRecord:
         self, run_dir: Path, config: dict[str, Any], seed: int, calibration: dict[str, Any]
     ):
         self.path = run_dir / RESULTS_FILE
+        self.rss = RSSSampler()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         self.payload: dict[str, Any] = {
             "status": "running",
             "metrics": {},
@@ -123,11 +153,13 @@ class RunRecord:
             sum(v for k, v in self.payload["timing_s"].items() if k != "total"), 3
         )
         self._update_memory()
+        self.rss.stop()
         self.save()
 
     def _update_memory(self) -> None:
         memory = self.payload["memory"]
-        memory["peak_rss_mib"] = round(peak_rss_mib(), 1)
+        memory["peak_rss_mib"] = round(self.rss.peak_mib, 1)
+        memory["process_peak_rss_mib"] = round(process_peak_rss_mib(), 1)
         if torch.cuda.is_available():
             memory["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
