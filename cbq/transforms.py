@@ -39,6 +39,7 @@ from cbq.quant import (
     QuantSpec,
     WeightQuantizer,
     fake_quant,
+    group_columns,
     minmax_params,
     observing_activations,
     wrap_block,
@@ -335,14 +336,6 @@ def group_size(spec: QuantSpec, columns: int) -> int:
     return columns
 
 
-def grouped(t: torch.Tensor, size: int) -> torch.Tensor:
-    """``(rows, in)`` as ``(rows, groups, size)``, zero-padding a partial last group."""
-    pad = (-t.shape[-1]) % size
-    if pad:
-        t = nn.functional.pad(t, (0, pad))
-    return t.reshape(t.shape[0], -1, size)
-
-
 @torch.no_grad()
 def clip_search(
     weight: torch.Tensor,
@@ -360,11 +353,11 @@ def clip_search(
     """
     columns = weight.shape[1]
     size = group_size(spec, columns)
-    inputs = grouped(x.float().to(weight.device), size)  # (n, groups, size)
+    inputs = group_columns(x.float().to(weight.device), size)  # (n, groups, size)
     ratios = [1.0 - i / grid for i in range(max(1, int(max_shrink * grid)))]
     chosen = []
     for rows in weight.detach().float().split(row_chunk):
-        original = grouped(rows, size)  # (r, groups, size)
+        original = group_columns(rows, size)  # (r, groups, size)
         reference = torch.einsum("ngk,rgk->rgn", inputs, original)
         limit = original.abs().amax(-1, keepdim=True)
         best_error = torch.full(original.shape[:2], float("inf"), device=rows.device)
@@ -372,7 +365,7 @@ def clip_search(
         for ratio in ratios:
             clamped = torch.maximum(torch.minimum(original, limit * ratio), -limit * ratio)
             flat = clamped.reshape(rows.shape[0], -1)[:, :columns]
-            quantized = grouped(quantize_weight(flat, spec), size)
+            quantized = group_columns(quantize_weight(flat, spec), size)
             out = torch.einsum("ngk,rgk->rgn", inputs, quantized)
             error = (out - reference).pow(2).mean(-1)
             better = error < best_error
@@ -386,7 +379,7 @@ def clip_search(
 def apply_clip(weight: torch.Tensor, ratios: torch.Tensor, spec: QuantSpec) -> None:
     """Clamp ``weight`` in place to ``ratio * max|W|`` per (row, group)."""
     columns = weight.shape[1]
-    original = grouped(weight.float(), group_size(spec, columns))
+    original = group_columns(weight.float(), group_size(spec, columns))
     limit = original.abs().amax(-1, keepdim=True) * ratios.unsqueeze(-1).to(original)
     clamped = torch.maximum(torch.minimum(original, limit), -limit)
     weight.copy_(clamped.reshape(weight.shape[0], -1)[:, :columns].to(weight.dtype))

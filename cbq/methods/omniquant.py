@@ -152,7 +152,7 @@ class LearnableClip(nn.Module):
 
     def params(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step size and zero point (``(rows, groups)``, float32) of the clipped ranges."""
-        grouped = self.quantizer._grouped(weight.float())
+        grouped = self.quantizer.grouped(weight.float())
         low, high = self.factors()
         return minmax_params(grouped.amin(dim=-1) * low, grouped.amax(dim=-1) * high, self.spec)
 
@@ -160,11 +160,11 @@ class LearnableClip(nn.Module):
         """The fake-quantized weight; the same arithmetic as ``WeightQuantizer.forward`` with
         :meth:`params` as its step sizes, so :meth:`write` reproduces it exactly."""
         scale, zero = self.params(weight)
-        grouped = self.quantizer._grouped(weight)
+        grouped = self.quantizer.grouped(weight)
         scale = scale.unsqueeze(-1).to(weight.dtype)
         zero = zero.unsqueeze(-1).to(weight.dtype)
         quantized = fake_quant(grouped, scale, zero, self.spec.qmax)
-        return self.quantizer._ungrouped(quantized, weight)
+        return self.quantizer.ungrouped(quantized, weight)
 
     @torch.no_grad()
     def write(self, weight: torch.Tensor) -> None:

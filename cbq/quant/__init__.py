@@ -13,6 +13,7 @@ from cbq.quant.quantizer import (
     QuantSpec,
     WeightQuantizer,
     fake_quant,
+    group_columns,
     minmax_params,
     round_ste,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "QuantSpec",
     "WeightQuantizer",
     "fake_quant",
+    "group_columns",
     "minmax_params",
     "observing_activations",
     "quant_linears",

@@ -91,6 +91,14 @@ def minmax_params(
     return scale, torch.round(-low / scale)
 
 
+def group_columns(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``(rows, in)`` as ``(rows, groups, size)``, zero-padding a partial last group."""
+    pad = (-t.shape[-1]) % size
+    if pad:
+        t = nn.functional.pad(t, (0, pad))
+    return t.reshape(t.shape[0], -1, size)
+
+
 class WeightQuantizer(nn.Module):
     """Static weight quantizer: per-tensor, per-output-channel or per-group of inputs.
 
@@ -116,18 +124,15 @@ class WeightQuantizer(nn.Module):
             return self.spec.group_size
         return self.in_features
 
-    def _grouped(self, weight: torch.Tensor) -> torch.Tensor:
+    def grouped(self, weight: torch.Tensor) -> torch.Tensor:
         """View ``(rows, in)`` as ``(rows, groups, group_size)``, zero-padding the last group."""
         rows = 1 if self.spec.granularity is Granularity.per_tensor else weight.shape[0]
         flat = weight.reshape(rows, -1)
         size = flat.shape[1] if self.spec.granularity is Granularity.per_tensor else self.group_size
-        pad = (-flat.shape[1]) % size
-        if pad:
-            flat = nn.functional.pad(flat, (0, pad))
-        return flat.reshape(rows, -1, size)
+        return group_columns(flat, size)
 
     def _initial_params(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        grouped = self._grouped(weight.float())
+        grouped = self.grouped(weight.float())
         low = grouped.amin(dim=-1) * self.clip_ratio
         high = grouped.amax(dim=-1) * self.clip_ratio
         return minmax_params(low, high, self.spec)
@@ -145,8 +150,8 @@ class WeightQuantizer(nn.Module):
         per_column = param.repeat_interleave(self.group_size, dim=1)[:, : weight.shape[-1]]
         return per_column
 
-    def _ungrouped(self, grouped: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`_grouped`: drop the padding, restore the weight's shape."""
+    def ungrouped(self, grouped: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`grouped`: drop the padding, restore the weight's shape."""
         rows = grouped.shape[0]
         return grouped.reshape(rows, -1)[:, : weight.numel() // rows].reshape(weight.shape)
 
@@ -158,14 +163,14 @@ class WeightQuantizer(nn.Module):
         parameters, which roughly halves the wrapping overhead of per-group settings)."""
         if not self.spec.enabled:
             return weight
-        grouped = self._grouped(weight)
+        grouped = self.grouped(weight)
         scale = self.scale.unsqueeze(-1).to(weight.dtype)
         zero = self.zero.unsqueeze(-1).to(weight.dtype)
         offsets = None
         if rounding is not None:
-            scaled = self._ungrouped(grouped / scale, weight)
-            offsets = self._grouped(rounding(scaled))
-        return self._ungrouped(fake_quant(grouped, scale, zero, self.spec.qmax, offsets), weight)
+            scaled = self.ungrouped(grouped / scale, weight)
+            offsets = self.grouped(rounding(scaled))
+        return self.ungrouped(fake_quant(grouped, scale, zero, self.spec.qmax, offsets), weight)
 
     def integers(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``weight`` in ``[0, 2^b - 1]`` (round to nearest)."""
