@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,15 @@ from tqdm.auto import tqdm
 
 from cbq import cfp
 from cbq.blockwise import embed_batches
-from cbq.config import QuantConfig
+from cbq.config import (
+    CFPConfig,
+    CFPMode,
+    LossConfig,
+    QuantConfig,
+    RoundingConfig,
+    RoundingKind,
+    WindowConfig,
+)
 from cbq.losses import check_finite, reconstruction_distance
 from cbq.models.adapter import ModelAdapter
 from cbq.quant import QuantLinear, observing_activations, quant_linears, wrap_block
@@ -64,37 +72,39 @@ def window_schedule(n_blocks: int, size: int, overlap: int) -> list[tuple[int, i
 
 
 @dataclass
-class TrainerSettings:
-    """The knobs the trainer reads (filled from CBQConfig by cbq.methods.cbq)."""
+class TrainerKnobs:
+    """The trainer's own knobs; ``method=cbq`` exposes them as fields of its CBQConfig."""
 
-    window_size: int = 2
-    window_overlap: int = 1
     epochs: int = 3
+    # Calibration sequences per optimisation step.
     batch_size: int = 1
-    loss: str = "l2_kl"
-    homologous: bool = True
-    l2_weight: float = 1.0
-    kl_weight: float = 1.0
-    cfp_mode: str = "weight_act"
-    lambda1: float = 1.5
-    lambda2: float = 1.0
-    cfp_distance: str = "mean"
-    cfp_log_space: bool = False
-    cfp_clip_to: str = "threshold"
-    rounding: str = "lora"
-    rank: int = 5
-    reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    reg_warmup: float = 0.2
+    # Step-size learning rates are relative to each step size's magnitude (see _relative_group).
     lr_weight_scale: float = 1e-2
     lr_act_scale: float = 1e-2
     lr_rounding: float = 1e-3
     bf16: bool = False
+    # Where cached activations live: cpu, device or disk (memory-mapped).
     cache: str = "cpu"
+
+    @classmethod
+    def of(cls, config: TrainerKnobs) -> TrainerKnobs:
+        """Only the trainer knobs of ``config`` (a CBQConfig adds ``name`` and ``resume``)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
+@dataclass
+class TrainerSettings:
+    """Everything the trainer reads: CBQ's component configs, its knobs and the run seed."""
+
+    window: WindowConfig = field(default_factory=WindowConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cfp: CFPConfig = field(default_factory=CFPConfig)
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)
+    knobs: TrainerKnobs = field(default_factory=TrainerKnobs)
     seed: int = 0
 
     def fingerprint(self, quant: QuantConfig, calib: torch.Tensor) -> str:
+        """Identifies a run's checkpoint: changes with any setting, ``quant`` or ``calib``."""
         payload = json.dumps(
             {
                 "settings": asdict(self),
@@ -148,7 +158,9 @@ class CBDTrainer:
         self.adapter, self.quant, self.s = adapter, quant, settings
         self.device, self.log_metrics = device, log_metrics
         self.checkpoint_path = run_dir / "checkpoint" / "cbq.pt"
-        self.store = ActivationStore(settings.cache, device, run_dir / "checkpoint" / "streams")
+        self.store = ActivationStore(
+            settings.knobs.cache, device, run_dir / "checkpoint" / "streams"
+        )
         self.fp_blocks: dict[int, nn.Module] = {}
         self.prepared: set[int] = set()
         self.committed: set[int] = set()
@@ -159,11 +171,11 @@ class CBDTrainer:
     # --- the outer loop ----------------------------------------------------------------
     def run(self, calib: torch.Tensor) -> dict[str, Any]:
         blocks = self.adapter.blocks()
-        schedule = window_schedule(len(blocks), self.s.window_size, self.s.window_overlap)
+        schedule = window_schedule(len(blocks), self.s.window.size, self.s.window.overlap)
         fingerprint = self.s.fingerprint(self.quant, calib)
         first = self._resume(fingerprint)
         if first == 0:
-            hidden = embed_batches(self.adapter, calib, self.s.batch_size, self.device)
+            hidden = embed_batches(self.adapter, calib, self.s.knobs.batch_size, self.device)
             self.store.put("x_q", hidden)
             self.store.put("x_fp", hidden)
         self.ctx = self.adapter.block_context(self.store.batch("x_q", torch.arange(1)))
@@ -186,7 +198,7 @@ class CBDTrainer:
                 self._prepare(index, x_fp)
             x_fp = self._run(self.fp_blocks[index], index, x_fp)
         self.store.put("y", x_fp)
-        if self.s.homologous:
+        if self.s.loss.homologous:
             self.store.put("y_h", self._run_range(start, end, self.store.get("x_q"), fp=True))
         final_loss = self._train(number, total, start, end)
         self.stats["windows"].append({"blocks": [start, end], "final_loss": final_loss})
@@ -196,21 +208,21 @@ class CBDTrainer:
         """CFP, the FP target copy, wrapping, activation ranges and rounding for one block."""
         block = self.adapter.blocks()[index]
         stats: dict[str, Any] = {}
-        if self.s.cfp_mode == "weight_act":
+        if self.s.cfp.mode == CFPMode.weight_act:
             stats["act"] = cfp.scale_activation_outliers(
                 self.adapter,
                 index,
                 x_fp,
                 self.ctx,
-                self.s.lambda1,
-                self.s.lambda2,
-                batch_size=self.s.batch_size,
+                self.s.cfp.lambda1,
+                self.s.cfp.lambda2,
+                batch_size=self.s.knobs.batch_size,
                 **self._split_rule(),
             )
         self.fp_blocks[index] = copy.deepcopy(block).requires_grad_(False)
-        if self.s.cfp_mode in ("weight", "weight_act"):
+        if self.s.cfp.mode in (CFPMode.weight, CFPMode.weight_act):
             stats["weight"] = cfp.truncate_block_weights(
-                self.adapter, block, self.s.lambda1, self.s.lambda2, **self._split_rule()
+                self.adapter, block, self.s.cfp.lambda1, self.s.cfp.lambda2, **self._split_rule()
             )
         self.stats["cfp"][index] = stats
         wrapped = wrap_block(
@@ -224,19 +236,19 @@ class CBDTrainer:
 
     def _split_rule(self) -> dict[str, Any]:
         return {
-            "distance": self.s.cfp_distance,
-            "log_space": self.s.cfp_log_space,
-            "clip_to": self.s.cfp_clip_to,
+            "distance": self.s.cfp.distance.value,
+            "log_space": self.s.cfp.log_space,
+            "clip_to": self.s.cfp.clip_to.value,
         }
 
     def _attach_rounding(self, index: int, qlinears: Iterator[QuantLinear] | Any) -> None:
         generator = torch.Generator().manual_seed(self.s.seed * 1000 + index)
         for qlinear in qlinears:
             weight = qlinear.linear.weight.detach()
-            if self.s.rounding == "adaround":
+            if self.s.rounding.kind == RoundingKind.adaround:
                 qlinear.rounding = AdaRound(weight)
-            elif self.s.rounding == "lora":
-                qlinear.rounding = LoRARounding(weight, self.s.rank, generator)
+            elif self.s.rounding.kind == RoundingKind.lora:
+                qlinear.rounding = LoRARounding(weight, self.s.rounding.rank, generator)
             qlinear.linear.requires_grad_(False)
 
     # --- training ------------------------------------------------------------------------
@@ -246,15 +258,15 @@ class CBDTrainer:
             for _, qlinear in quant_linears(self.adapter.blocks()[index]):
                 weight_scale = qlinear.weight_quantizer.scale
                 if qlinear.weight_quantizer.spec.enabled and not qlinear.weight_materialized:
-                    groups.append(_relative_group(weight_scale, self.s.lr_weight_scale))
+                    groups.append(_relative_group(weight_scale, self.s.knobs.lr_weight_scale))
                 act = qlinear.act_quantizer
                 if act.needs_calibration:
-                    groups.append(_relative_group(act.scale, self.s.lr_act_scale))
+                    groups.append(_relative_group(act.scale, self.s.knobs.lr_act_scale))
                 if qlinear.rounding is not None:
                     params = [p for p in qlinear.rounding.parameters()]
                     for p in params:
                         p.requires_grad_(True)
-                    groups.append({"params": params, "lr": self.s.lr_rounding})
+                    groups.append({"params": params, "lr": self.s.knobs.lr_rounding})
         return groups
 
     def _roundings(self, start: int, end: int) -> list[SoftRounding]:
@@ -267,13 +279,13 @@ class CBDTrainer:
 
     def _train(self, number: int, total: int, start: int, end: int) -> float:
         groups = self._parameter_groups(start, end)
-        if not groups or self.s.epochs == 0:
+        if not groups or self.s.knobs.epochs == 0:
             return float("nan")
         optimizer = torch.optim.Adam(groups)
         roundings = self._roundings(start, end)
         n = self.store.get("x_q").shape[0]
-        steps_per_epoch = math.ceil(n / self.s.batch_size)
-        total_steps = steps_per_epoch * self.s.epochs
+        steps_per_epoch = math.ceil(n / self.s.knobs.batch_size)
+        total_steps = steps_per_epoch * self.s.knobs.epochs
         generator = torch.Generator().manual_seed(self.s.seed * 1000 + number)
         bar = tqdm(
             total=total_steps,
@@ -282,9 +294,9 @@ class CBDTrainer:
             leave=False,
         )
         step, loss_value = 0, float("nan")
-        for epoch in range(self.s.epochs):
+        for epoch in range(self.s.knobs.epochs):
             epoch_losses = []
-            for index in torch.randperm(n, generator=generator).split(self.s.batch_size):
+            for index in torch.randperm(n, generator=generator).split(self.s.knobs.batch_size):
                 loss = self._loss(start, end, index, roundings, step / total_steps)
                 loss_value = loss.item()
                 check_finite(
@@ -314,24 +326,24 @@ class CBDTrainer:
         roundings: list[SoftRounding],
         progress: float,
     ) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.knobs.bf16):
             output = self._forward(start, end, self.store.batch("x_q", index))
-        targets = ["y", "y_h"] if self.s.homologous else ["y"]
+        targets = ["y", "y_h"] if self.s.loss.homologous else ["y"]
         distance = sum(
             reconstruction_distance(
                 output,
                 self.store.batch(name, index),
-                self.s.loss,
-                self.s.l2_weight,
-                self.s.kl_weight,
+                self.s.loss.kind.value,
+                self.s.loss.l2_weight,
+                self.s.loss.kl_weight,
             )
             for name in targets
         ) / len(targets)
-        if roundings and progress >= self.s.reg_warmup:
-            ramp = (progress - self.s.reg_warmup) / max(1 - self.s.reg_warmup, 1e-8)
-            beta = self.s.beta_start + (self.s.beta_end - self.s.beta_start) * ramp
+        rounding = self.s.rounding
+        if roundings and progress >= rounding.reg_warmup:
+            beta = _annealed_beta(rounding, progress)
             regularizer = sum(r.regularizer(beta) for r in roundings) / len(roundings)
-            distance = distance + self.s.reg_weight * regularizer
+            distance = distance + rounding.reg_weight * regularizer
         return distance
 
     @staticmethod
@@ -384,7 +396,7 @@ class CBDTrainer:
         try:
             outputs = [
                 self.adapter.forward_block(index, chunk.to(self.device), self.ctx).to(hidden.device)
-                for chunk in hidden.split(self.s.batch_size)
+                for chunk in hidden.split(self.s.knobs.batch_size)
             ]
         finally:
             blocks[index] = original
@@ -450,6 +462,12 @@ class CBDTrainer:
         self.stats = state["stats"]
         log.info("resumed CBQ from %s at window %d", self.checkpoint_path, state["next_window"])
         return state["next_window"]
+
+
+def _annealed_beta(rounding: RoundingConfig, progress: float) -> float:
+    """The regulariser's beta: beta_start at the end of the warm-up, beta_end at the last step."""
+    ramp = (progress - rounding.reg_warmup) / max(1 - rounding.reg_warmup, 1e-8)
+    return rounding.beta_start + (rounding.beta_end - rounding.beta_start) * ramp
 
 
 def _relative_group(step: nn.Parameter, relative_lr: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -92,10 +93,36 @@ class DataConfig:
     max_eval_windows: int | None = None
 
 
+class OnMissing(str, Enum):
+    fail = "fail"
+    skip = "skip"
+
+
+@dataclass
+class ZeroShotConfig:
+    """Zero-shot evaluation through lm-eval on the in-memory (quantized) model."""
+
+    # lm-eval task names: the offline tasks generated from the packaged text
+    # (cbq.eval.offline_tasks) or the paper's tasks, which need the hub (cbq.eval.zeroshot).
+    tasks: list[str] = field(default_factory=list)
+    # Evaluate only the first N examples of each task; null means all.
+    limit: int | None = None
+    batch_size: int = 1
+    # A task whose data cannot be loaded (hub unreachable, not cached): stop the run before
+    # the model loads (fail), or record it as skipped and evaluate the others (skip).
+    on_missing: OnMissing = OnMissing.fail
+    # Examples per generated offline task (fewer when the corpus has fewer).
+    n_examples: int = 200
+    # Seed of the generated tasks' data and of lm-eval; fixed rather than the run seed, so
+    # every run is scored on the same examples.
+    seed: int = 0
+
+
 @dataclass
 class EvalConfig:
     ppl: bool = True
     batch_size: int = 1
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 
 @dataclass
@@ -105,6 +132,20 @@ class LoggerConfig:
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExperimentConfig:
+    """A paper table run as one multirun (``+experiment=table4_window``); empty for plain runs.
+
+    ``scales`` maps each scale (``cpu``, ``paper``) to the overrides the table pins at that
+    scale; the table's sweeper params read them through ``experiment.scale``.
+    """
+
+    name: str | None = None
+    table: int | None = None
+    scale: str = "cpu"
+    scales: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -192,13 +233,37 @@ class Config:
     rounding: RoundingConfig = field(default_factory=RoundingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     device: Device = Device.auto
     dtype: DType = DType.float32
     seed: int = 0
+    # Validate and print each run's overrides, load nothing (preview a sweep or a table).
+    dry_run: bool = False
+
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def register_configs() -> None:
+    """The schema, the resolver that puts ``experiments/`` on Hydra's search path, and the
+    one that reads a paper table's setting at the chosen scale (``${cbq_scaled:model}``)."""
     ConfigStore.instance().store(name="config_schema", node=Config)
+    if not OmegaConf.has_resolver("cbq_experiments_dir"):
+        OmegaConf.register_new_resolver("cbq_experiments_dir", lambda: str(EXPERIMENTS_DIR))
+    if not OmegaConf.has_resolver("cbq_scaled"):
+        OmegaConf.register_new_resolver("cbq_scaled", scaled_setting)
+
+
+def scaled_setting(key: str, *, _root_: DictConfig) -> Any:
+    """``experiment.scales[experiment.scale][key]``, or a clear error naming the scales."""
+    experiment = _root_.experiment
+    problems = _experiment_problems(experiment)  # type: ignore[arg-type]
+    if problems:
+        raise ConfigError(problems)
+    values = experiment.scales[experiment.scale]
+    if key not in values:
+        raise ConfigError([f"experiment.scales.{experiment.scale}.{key}: missing"])
+    return values[key]
 
 
 class ConfigError(ValueError):
@@ -218,8 +283,10 @@ def validate(cfg: DictConfig | Config) -> Config:
         *_method_problems(typed),
     ]
     problems += _cbq_component_problems(typed)
+    problems += _experiment_problems(typed.experiment)
     if typed.eval.batch_size < 1:
         problems.append(f"eval.batch_size: {typed.eval.batch_size} must be >= 1")
+    problems += _zeroshot_problems(typed.eval.zeroshot)
     if problems:
         raise ConfigError(problems)
     return typed
@@ -293,6 +360,37 @@ def _data_problems(data: DataConfig) -> list[str]:
     ]:
         if value is not None and value < 1:
             problems.append(f"{field_name}: {value} must be a positive integer or null")
+    return problems
+
+
+def _experiment_problems(experiment: ExperimentConfig | DictConfig) -> list[str]:
+    if experiment.scales and experiment.scale not in experiment.scales:
+        return [
+            f"experiment.scale: '{experiment.scale}' is not allowed; allowed: "
+            + ", ".join(experiment.scales)
+        ]
+    return []
+
+
+def _zeroshot_problems(zeroshot: ZeroShotConfig) -> list[str]:
+    from cbq.eval.zeroshot import unknown_task_problem
+
+    problems = [
+        problem
+        for i, name in enumerate(zeroshot.tasks)
+        if (problem := unknown_task_problem(name, f"eval.zeroshot.tasks[{i}]"))
+    ]
+    duplicates = sorted({name for name in zeroshot.tasks if zeroshot.tasks.count(name) > 1})
+    if duplicates:
+        problems.append(f"eval.zeroshot.tasks: {', '.join(duplicates)} listed more than once")
+    for field_name, value in [
+        ("eval.zeroshot.batch_size", zeroshot.batch_size),
+        ("eval.zeroshot.n_examples", zeroshot.n_examples),
+    ]:
+        if value < 1:
+            problems.append(f"{field_name}: {value} must be a positive integer")
+    if zeroshot.limit is not None and zeroshot.limit < 1:
+        problems.append(f"eval.zeroshot.limit: {zeroshot.limit} must be a positive integer or null")
     return problems
 
 

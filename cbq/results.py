@@ -97,6 +97,21 @@ class RSSSampler:
         self._thread.join()
 
 
+def write_skipped(run_dir: Path, config: dict[str, Any], reason: str) -> Path:
+    """The record of a sweep job that was not run, and why (see :mod:`cbq.sweep`)."""
+    path = run_dir / RESULTS_FILE
+    payload = {
+        "status": "skipped",
+        "reason": reason,
+        "metrics": {},
+        "versions": package_versions(),
+        "git": git_state(),
+        "config": config,
+    }
+    write_json_atomic(path, payload)
+    return path
+
+
 class RunRecord:
     """Accumulates one run's results and keeps ``results.json`` up to date."""
 

@@ -15,14 +15,16 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cbq.config import Config, ConfigError, Device, register_configs, validate
 from cbq.data import calibration_batch, evaluation_windows, metric_name
-from cbq.eval import perplexity
-from cbq.methods import RunContext, build_method
+from cbq.eval import evaluate_zeroshot, perplexity, prepare_zeroshot
+from cbq.methods import METHODS, RunContext, build_method
 from cbq.models import adapter_for, load_model
-from cbq.results import RunRecord
+from cbq.results import RunRecord, write_skipped
+from cbq.sweep import skip_reason, sweep_overrides, swept_axes
 from cbq.tracking import Tracker
 
 log = logging.getLogger("cbq")
@@ -49,6 +51,20 @@ def run_name(cfg: Config) -> str:
     return f"{cfg.model.name}-{cfg.quant.name}-{cfg.method['name']}"
 
 
+def tracking_labels(cfg: Config) -> tuple[str | None, list[str]]:
+    """W&B group and tags: the group is ``logger.group``, else the sweep's name in a
+    multirun; tags carry model, setting (``fp`` or the quant preset) and method."""
+    group = cfg.logger.group
+    if group is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        group = Path(HydraConfig.get().sweep.dir).name
+    method = cfg.method["name"]
+    setting = "fp" if method == "fp" else cfg.quant.name
+    tags = [cfg.model.name, setting, method, *cfg.logger.tags]
+    if cfg.experiment.name:
+        tags.append(cfg.experiment.name)
+    return group, list(dict.fromkeys(tags))
+
+
 def calibration_record(cfg: Config, used: bool) -> dict[str, Any]:
     if not used:
         return {"corpus": None, "reason": f"method {cfg.method['name']} draws no calibration data"}
@@ -71,7 +87,7 @@ def run(raw_cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     record = RunRecord(
         run_dir, resolved, cfg.seed, calibration_record(cfg, method.needs_calibration)
     )
-    tracker = Tracker(cfg.logger, run_dir, resolved, run_name(cfg))
+    tracker = Tracker(cfg.logger, run_dir, resolved, run_name(cfg), *tracking_labels(cfg))
     try:
         _execute(cfg, method, device, run_dir, record, tracker)
     except BaseException as error:
@@ -92,6 +108,11 @@ def _execute(
     cfg: Config, method, device: torch.device, run_dir: Path, record: RunRecord, tracker: Tracker
 ) -> None:
     dtype = getattr(torch, cfg.dtype.value)
+    zeroshot = None
+    if cfg.eval.zeroshot.tasks:  # task data first: a missing task stops the run before loading
+        with record.phase("zeroshot_data"):
+            zeroshot = prepare_zeroshot(cfg.eval.zeroshot, run_dir / "zeroshot")
+        record.add_stats({"zeroshot/skipped": zeroshot.skipped})
     with record.phase("load_model"):
         model, tokenizer = load_model(
             cfg.model.name,
@@ -135,6 +156,23 @@ def _execute(
                 record.add_metrics({f"ppl/{name}": value})
                 record.add_stats({f"eval_windows/{name}": int(windows.shape[0])})
                 tracker.log({f"ppl/{name}": value})
+    if zeroshot is not None:
+        with record.phase("eval_zeroshot"):
+            results = evaluate_zeroshot(model, tokenizer, zeroshot)
+        log.info("zero-shot: %s", results.metrics())
+        record.add_metrics(results.metrics())
+        record.add_stats(results.stats())
+        tracker.log(results.metrics())
+
+
+def sweep_skip_reason(cfg: Config, hydra_cfg: Any) -> str | None:
+    """Why this job of a multirun is not worth running (see :mod:`cbq.sweep`); None for
+    single runs."""
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    axes = swept_axes(sweep_overrides(Path(hydra_cfg.sweep.dir)))
+    method = METHODS[cfg.method["name"]]
+    return skip_reason(cfg, method, dict(hydra_cfg.runtime.choices), axes)
 
 
 register_configs()
@@ -142,8 +180,20 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
     try:
-        metrics = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        typed = validate(cfg)
+        reason = sweep_skip_reason(typed, hydra_cfg)
+        if typed.dry_run:
+            skip = f" (skip: {reason})" if reason else ""
+            print("dry run:", " ".join(hydra_cfg.overrides.task) + skip)
+            return None
+        if reason:
+            resolved = OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)
+            path = write_skipped(Path(hydra_cfg.runtime.output_dir), resolved, reason)
+            log.info("skipped: %s (%s)", reason, path)
+            return None
+        metrics = run(cfg, Path(hydra_cfg.runtime.output_dir))
     except ConfigError as error:
         print(f"cbq: {error}", file=sys.stderr)
         raise SystemExit(2) from None

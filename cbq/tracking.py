@@ -19,7 +19,15 @@ log = logging.getLogger(__name__)
 class Tracker:
     """A thin wrapper so the rest of the code never imports wandb or checks the mode."""
 
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], name: str):
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        config: dict[str, Any],
+        name: str,
+        group: str | None = None,
+        tags: list[str] | None = None,
+    ):
         self.run = None
         if cfg.mode is LoggerMode.disabled:
             return
@@ -32,8 +40,8 @@ class Tracker:
         self.run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
-            group=cfg.group,
-            tags=list(cfg.tags) or None,
+            group=group or cfg.group,
+            tags=tags or list(cfg.tags) or None,
             name=name,
             dir=str(run_dir),
             mode=cfg.mode.value,

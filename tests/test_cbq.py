@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from cbq.blockwise import embed_batches
-from cbq.cbd import CBDTrainer, TrainerSettings, window_schedule
-from cbq.config import QuantConfig
+from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings, window_schedule
+from cbq.config import (
+    CFPConfig,
+    CFPMode,
+    Config,
+    LossConfig,
+    LossKindChoice,
+    QuantConfig,
+    RoundingConfig,
+    RoundingKind,
+    WindowConfig,
+)
 from cbq.losses import kl_distance, l2_distance, reconstruction_distance
+from cbq.methods import build_method
 from cbq.models import adapter_for, tiny_model
 from cbq.quant import Granularity, QuantSpec, WeightQuantizer, quant_linears
 from cbq.quant.rounding import AdaRound, LoRARounding, learnable_parameters, rectified_sigmoid
@@ -94,8 +108,21 @@ def test_lora_rounding_counts_fewer_parameters_than_adaround():
     )
 
 
-def make_trainer(tmp_path, model, quant=W2G16, **overrides):
-    settings = TrainerSettings(**{"epochs": 2, "batch_size": 2, "rank": 2, **overrides})
+def knobs(**overrides: Any) -> TrainerKnobs:
+    """Small trainer knobs for tiny models: 2 epochs of batches of 2, unless overridden."""
+    return TrainerKnobs(**{"epochs": 2, "batch_size": 2, **overrides})
+
+
+def rounding(kind: RoundingKind = RoundingKind.lora) -> RoundingConfig:
+    return RoundingConfig(kind=kind, rank=2)
+
+
+def make_trainer(
+    tmp_path: Path, model: nn.Module, quant: QuantConfig = W2G16, **parts: Any
+) -> CBDTrainer:
+    """A CPU trainer with :func:`knobs` and LoRA rank 2; ``parts`` replace whole pieces of
+    TrainerSettings (window=, loss=, cfp=, rounding=, knobs=, seed=)."""
+    settings = TrainerSettings(**{"knobs": knobs(), "rounding": rounding(), **parts})
     return CBDTrainer(adapter_for(model), quant, settings, torch.device("cpu"), tmp_path)
 
 
@@ -107,7 +134,7 @@ def test_cbq_reconstructs_better_than_rtn(tmp_path, family):
     calib = tokens(16, seed=0, seqlen=32)
     held_out = tokens(4, seed=5)
     cbq_model = copy.deepcopy(fp)
-    make_trainer(tmp_path, cbq_model, epochs=3).run(calib)
+    make_trainer(tmp_path, cbq_model, knobs=knobs(epochs=3)).run(calib)
     rtn = rtn_model(fp, W2G16)
     for ids in (calib, held_out):
         cbq_error, rtn_error = logits_error(cbq_model, fp, ids), logits_error(rtn, fp, ids)
@@ -120,9 +147,8 @@ def deep_llama():
 
 def test_every_block_committed_and_materialized(tmp_path):
     model = deep_llama()
-    stats = make_trainer(tmp_path, model, quant=W4A8, window_size=2, window_overlap=1).run(
-        tokens(4, seed=0, seqlen=24)
-    )
+    trainer = make_trainer(tmp_path, model, quant=W4A8, window=WindowConfig(size=2, overlap=1))
+    stats = trainer.run(tokens(4, seed=0, seqlen=24))
     blocks = adapter_for(model).blocks()
     assert [w["blocks"] for w in stats["windows"]] == [[0, 2], [1, 3], [2, 4]]
     for block in blocks:
@@ -135,10 +161,18 @@ def test_every_block_committed_and_materialized(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"rounding": "nearest", "loss": "l2", "homologous": False, "cfp_mode": "none"},
-        {"rounding": "adaround", "loss": "kl", "cfp_mode": "weight"},
-        {"rounding": "lora", "loss": "l2_kl", "window_size": 1, "window_overlap": 0},
-        {"rounding": "lora", "cache": "disk", "window_size": 3, "window_overlap": 1},
+        {
+            "rounding": rounding(RoundingKind.nearest),
+            "loss": LossConfig(kind=LossKindChoice.l2, homologous=False),
+            "cfp": CFPConfig(mode=CFPMode.none),
+        },
+        {
+            "rounding": rounding(RoundingKind.adaround),
+            "loss": LossConfig(kind=LossKindChoice.kl),
+            "cfp": CFPConfig(mode=CFPMode.weight),
+        },
+        {"loss": LossConfig(kind=LossKindChoice.l2_kl), "window": WindowConfig(size=1, overlap=0)},
+        {"knobs": knobs(cache="disk"), "window": WindowConfig(size=3, overlap=1)},
     ],
 )
 def test_component_variants_run(tmp_path, overrides):
@@ -175,7 +209,41 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trainer.run(calib)
     with pytest.raises(RuntimeError, match="other settings"):
-        make_trainer(tmp_path, deep_llama(), epochs=5).run(calib)
+        make_trainer(tmp_path, deep_llama(), knobs=knobs(epochs=5)).run(calib)
+
+
+def test_settings_come_from_the_run_config():
+    run_cfg = Config(
+        method={"name": "cbq", "epochs": 4, "resume": False},
+        window=WindowConfig(size=3, overlap=0),
+        rounding=RoundingConfig(rank=7),
+        seed=11,
+    )
+    settings = build_method(run_cfg).settings()
+    assert settings.knobs == TrainerKnobs(epochs=4)  # without the method's name and resume
+    assert (settings.window, settings.rounding, settings.seed) == (
+        run_cfg.window,
+        run_cfg.rounding,
+        11,
+    )
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        TrainerSettings(window=WindowConfig(overlap=0)),
+        TrainerSettings(loss=LossConfig(kind=LossKindChoice.kl)),
+        TrainerSettings(cfp=CFPConfig(mode=CFPMode.weight)),
+        TrainerSettings(rounding=RoundingConfig(beta_end=3.0)),
+        TrainerSettings(knobs=TrainerKnobs(lr_rounding=2e-3)),
+        TrainerSettings(seed=1),
+    ],
+)
+def test_fingerprint_changes_with_every_part(changed):
+    calib = tokens(2, seed=0, seqlen=8)
+    default = TrainerSettings().fingerprint(W4A8, calib)
+    assert TrainerSettings().fingerprint(W4A8, calib) == default
+    assert changed.fingerprint(W4A8, calib) != default
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from cbq.cbd import CBDTrainer, TrainerSettings
-from cbq.config import Config, QuantConfig
+from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
+from cbq.config import Config, QuantConfig, RoundingConfig
 from cbq.eval import perplexity
 from cbq.methods import RunContext, build_method
 from cbq.models import adapter_for, tiny_model
@@ -37,7 +37,9 @@ def test_rtn_perplexity_matches_cpu(tmp_path, family):
 @pytest.mark.parametrize("cache", ["cpu", "device"])
 def test_cbq_trainer_on_cuda_offloads_committed_blocks(tmp_path, cache):
     model = tiny_model("llama", num_hidden_layers=4).to(CUDA)
-    settings = TrainerSettings(epochs=2, batch_size=2, rank=2, cache=cache)
+    settings = TrainerSettings(
+        knobs=TrainerKnobs(epochs=2, batch_size=2, cache=cache), rounding=RoundingConfig(rank=2)
+    )
     trainer = CBDTrainer(adapter_for(model), W4A8, settings, CUDA, tmp_path)
     stats = trainer.run(ids())
     assert len(stats["windows"]) == 3
@@ -50,7 +52,7 @@ def test_cbq_trainer_on_cuda_offloads_committed_blocks(tmp_path, cache):
 def test_cbq_bf16_autocast_runs(tmp_path):
     model = tiny_model("opt").to(CUDA)
     reference = copy.deepcopy(model)
-    settings = TrainerSettings(epochs=1, batch_size=4, bf16=True)
+    settings = TrainerSettings(knobs=TrainerKnobs(epochs=1, batch_size=4, bf16=True))
     CBDTrainer(adapter_for(model), W4A8, settings, CUDA, tmp_path).run(ids())
     model.to(CUDA)
     with torch.no_grad():

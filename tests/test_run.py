@@ -68,7 +68,7 @@ def test_cli_multirun_writes_results_and_offline_wandb(saved_tiny_model, tiny_co
         "cbq",
         "-m",
         "method=fp,rtn",
-        "quant=w3a16",
+        "quant=w3a16,w4a16",
         *run_overrides(saved_tiny_model("llama"), tiny_corpus, logger="wandb_offline"),
         f"hydra.sweep.dir={sweep_dir}",
     ]
@@ -81,10 +81,15 @@ def test_cli_multirun_writes_results_and_offline_wandb(saved_tiny_model, tiny_co
         env={**_clean_env(), "WANDB_MODE": "offline"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    records = sorted(sweep_dir.rglob("results.json"))
-    assert len(records) == 2
-    methods = {json.loads(p.read_text())["config"]["method"]["name"] for p in records}
-    assert methods == {"fp", "rtn"}
+    records = [json.loads(p.read_text()) for p in sweep_dir.rglob("results.json")]
+    outcome = {(r["config"]["method"]["name"], r["config"]["quant"]["name"]): r for r in records}
+    assert {key: r["status"] for key, r in outcome.items()} == {
+        ("fp", "w3a16"): "finished",
+        ("fp", "w4a16"): "skipped",  # fp does not read quant: it runs once per sweep
+        ("rtn", "w3a16"): "finished",
+        ("rtn", "w4a16"): "finished",
+    }
+    assert "fp does not read quant" in outcome["fp", "w4a16"]["reason"]
     assert list(sweep_dir.rglob("offline-run-*")), "W&B offline files should be in the run dir"
 
 

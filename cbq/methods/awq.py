@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from cbq.methods.base import MethodConfig, QuantMethod, RunContext
+from cbq.methods.base import Activations, MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import ModelAdapter, ScaleGroup
 from cbq.quant import QuantSpec
 from cbq.transforms import (
@@ -82,6 +82,7 @@ class AWQConfig(MethodConfig):
 class AWQ(QuantMethod):
     name = "awq"
     config_class = AWQConfig
+    activations = Activations.full_precision
     needs_calibration = True
     cfg: AWQConfig
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from cbq.config import Config
+from cbq.config import Config, QuantConfig
 from cbq.models.adapter import ModelAdapter
 
 
@@ -30,11 +31,36 @@ class RunContext:
     log: Callable[[dict[str, float]], None] = field(default=lambda metrics: None)
 
 
+# Config groups only CBQ reads.
+CBQ_COMPONENTS = ("window", "loss", "cfp", "rounding")
+
+
+class Activations(str, Enum):
+    """Which quantization settings a method is designed for (a sweep skips the others)."""
+
+    any = "any"
+    full_precision = "full_precision"  # weight-only methods (AWQ)
+    quantized = "quantized"  # weight+activation methods (SmoothQuant, OS+)
+
+
 class QuantMethod(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     # False for methods that need no calibration data (the run then draws none).
     needs_calibration: ClassVar[bool] = True
+    # Config groups the method does not read: a sweep over one of them runs the method once.
+    ignored_groups: ClassVar[tuple[str, ...]] = CBQ_COMPONENTS
+    activations: ClassVar[Activations] = Activations.any
+
+    @classmethod
+    def inapplicable_reason(cls, quant: QuantConfig) -> str | None:
+        """Why ``quant`` is outside what the method is for, or None."""
+        quantized = quant.act_spec().enabled
+        if cls.activations is Activations.full_precision and quantized:
+            return f"{cls.name} is a weight-only method; quant={quant.name} quantizes activations"
+        if cls.activations is Activations.quantized and not quantized:
+            return f"{cls.name} targets quantized activations; quant={quant.name} is weight-only"
+        return None
 
     def __init__(self, cfg: MethodConfig, run_cfg: Config):
         self.cfg = cfg

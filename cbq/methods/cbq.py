@@ -1,8 +1,9 @@
 """``method=cbq``: Cross-Block Quantization (the paper's method).
 
 The components are their own config groups (``window``, ``loss``, ``cfp``, ``rounding``) so
-that the ablations of Tables 4-7 are sweeps; this module holds the trainer knobs and hands
-everything to :class:`cbq.cbd.CBDTrainer`.
+that the ablations of Tables 4-7 are sweeps; the method's config is the trainer's knobs
+(:class:`cbq.cbd.TrainerKnobs`) plus ``resume``, and everything goes to
+:class:`cbq.cbd.CBDTrainer` as one :class:`cbq.cbd.TrainerSettings`.
 """
 
 from __future__ import annotations
@@ -12,24 +13,16 @@ from typing import Any
 
 import torch
 
-from cbq.cbd import CBDTrainer, TrainerSettings
+from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import ModelAdapter
 
 
 @dataclass
-class CBQConfig(MethodConfig):
+class CBQConfig(TrainerKnobs, MethodConfig):
+    """The trainer knobs (:class:`cbq.cbd.TrainerKnobs`) and the method's own fields."""
+
     name: str = "cbq"
-    epochs: int = 3
-    # Calibration sequences per optimisation step.
-    batch_size: int = 1
-    # Step-size learning rates are relative to each step size's magnitude (see cbq.cbd).
-    lr_weight_scale: float = 1e-2
-    lr_act_scale: float = 1e-2
-    lr_rounding: float = 1e-3
-    bf16: bool = False
-    # Where cached activations live: cpu, device or disk (memory-mapped).
-    cache: str = "cpu"
     # Resume from <run dir>/checkpoint when it exists.
     resume: bool = True
 
@@ -37,36 +30,17 @@ class CBQConfig(MethodConfig):
 class CrossBlockQuantization(QuantMethod):
     name = "cbq"
     config_class = CBQConfig
+    ignored_groups = ()
     cfg: CBQConfig
 
     def settings(self) -> TrainerSettings:
         run = self.run_cfg
         return TrainerSettings(
-            window_size=run.window.size,
-            window_overlap=run.window.overlap,
-            epochs=self.cfg.epochs,
-            batch_size=self.cfg.batch_size,
-            loss=run.loss.kind.value,
-            homologous=run.loss.homologous,
-            l2_weight=run.loss.l2_weight,
-            kl_weight=run.loss.kl_weight,
-            cfp_mode=run.cfp.mode.value,
-            lambda1=run.cfp.lambda1,
-            lambda2=run.cfp.lambda2,
-            cfp_distance=run.cfp.distance.value,
-            cfp_log_space=run.cfp.log_space,
-            cfp_clip_to=run.cfp.clip_to.value,
-            rounding=run.rounding.kind.value,
-            rank=run.rounding.rank,
-            reg_weight=run.rounding.reg_weight,
-            beta_start=run.rounding.beta_start,
-            beta_end=run.rounding.beta_end,
-            reg_warmup=run.rounding.reg_warmup,
-            lr_weight_scale=self.cfg.lr_weight_scale,
-            lr_act_scale=self.cfg.lr_act_scale,
-            lr_rounding=self.cfg.lr_rounding,
-            bf16=self.cfg.bf16,
-            cache=self.cfg.cache,
+            window=run.window,
+            loss=run.loss,
+            cfp=run.cfp,
+            rounding=run.rounding,
+            knobs=TrainerKnobs.of(self.cfg),
             seed=run.seed,
         )
 
@@ -77,9 +51,10 @@ class CrossBlockQuantization(QuantMethod):
         checkpoint = ctx.run_dir / "checkpoint"
         if not self.cfg.resume and checkpoint.exists():
             raise RuntimeError(f"{checkpoint} exists and method.resume=false; delete it first")
-        trainer = CBDTrainer(adapter, self.quant, self.settings(), ctx.device, ctx.run_dir, ctx.log)
+        settings = self.settings()
+        trainer = CBDTrainer(adapter, self.quant, settings, ctx.device, ctx.run_dir, ctx.log)
         stats = trainer.run(calib)
-        stats["rounding_params_per_block"] = rounding_parameter_count(adapter, self.settings())
+        stats["rounding_params_per_block"] = rounding_parameter_count(adapter, settings)
         return stats
 
 
@@ -87,9 +62,8 @@ def rounding_parameter_count(adapter: ModelAdapter, settings: TrainerSettings) -
     """Learnable rounding variables of one block: LoRA (rank r) against full-rank AdaRound."""
     linears = adapter.linears(adapter.blocks()[0]).values()
     shapes = [getattr(m, "linear", m).weight.shape for m in linears]
+    rank = settings.rounding.rank
     return {
         "adaround": sum(rows * cols for rows, cols in shapes),
-        f"lora_r{settings.rank}": sum(
-            min(settings.rank, rows, cols) * (rows + cols) for rows, cols in shapes
-        ),
+        f"lora_r{rank}": sum(min(rank, rows, cols) * (rows + cols) for rows, cols in shapes),
     }

@@ -6,13 +6,14 @@ from typing import Any
 
 import torch
 
-from cbq.methods.base import QuantMethod, RunContext
+from cbq.methods.base import CBQ_COMPONENTS, QuantMethod, RunContext
 from cbq.models.adapter import ModelAdapter
 
 
 class FullPrecision(QuantMethod):
     name = "fp"
     needs_calibration = False
+    ignored_groups = ("quant", *CBQ_COMPONENTS)
 
     def quantize(
         self, adapter: ModelAdapter, calib: torch.Tensor | None, ctx: RunContext

@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cbq.cfp import collect_channel_absmax
-from cbq.methods.base import MethodConfig, QuantMethod, RunContext
+from cbq.methods.base import Activations, MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import ModelAdapter, ScaleGroup
 from cbq.transforms import (
     CalibrationStream,
@@ -131,6 +131,7 @@ class _Smoothing(QuantMethod):
     """The block-sequential driver; subclasses fold their transform into each FP block."""
 
     needs_calibration = True
+    activations = Activations.quantized
     cfg: SmoothQuantConfig | OSPlusConfig
 
     def transform_block(
