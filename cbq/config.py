@@ -219,6 +219,23 @@ class RoundingConfig:
     reg_warmup: float = 0.2
 
 
+class ExportFormat(str, Enum):
+    none = "none"
+    dequantized = "dequantized"
+    packed = "packed"
+
+
+@dataclass
+class ExportConfig:
+    """Save the quantized model after the quantize phase (cbq.export)."""
+
+    # dequantized: a plain HF checkpoint holding the quantized weights as floats;
+    # packed: bit-packed integer codes + scales, reloaded by cbq.export.load_packed.
+    format: ExportFormat = ExportFormat.none
+    # Target directory; null means <run dir>/quantized.
+    dir: str | None = None
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -234,6 +251,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     device: Device = Device.auto
     dtype: DType = DType.float32
     seed: int = 0
@@ -287,6 +305,7 @@ def validate(cfg: DictConfig | Config) -> Config:
     if typed.eval.batch_size < 1:
         problems.append(f"eval.batch_size: {typed.eval.batch_size} must be >= 1")
     problems += _zeroshot_problems(typed.eval.zeroshot)
+    problems += _export_problems(typed.export)
     if problems:
         raise ConfigError(problems)
     return typed
@@ -392,6 +411,19 @@ def _zeroshot_problems(zeroshot: ZeroShotConfig) -> list[str]:
     if zeroshot.limit is not None and zeroshot.limit < 1:
         problems.append(f"eval.zeroshot.limit: {zeroshot.limit} must be a positive integer or null")
     return problems
+
+
+def _export_problems(export: ExportConfig) -> list[str]:
+    if export.dir is None:
+        return []
+    if not export.dir.strip():
+        return ["export.dir: '' is not allowed; allowed: null (<run dir>/quantized) or a path"]
+    if export.format is ExportFormat.none:
+        return [
+            f"export.dir: {export.dir} needs an export format (got export.format=none); "
+            "allowed: export=dequantized or export=packed, or export.dir=null"
+        ]
+    return []
 
 
 def _cbq_component_problems(cfg: Config) -> list[str]:

@@ -1,6 +1,7 @@
 """The run entry point: ``python -m cbq [overrides]`` (``-m`` for sweeps).
 
-load model -> draw calibration data -> quantize (method) -> evaluate -> results.json + W&B
+load model -> draw calibration data -> quantize (method) -> export (optional) -> evaluate
+-> results.json + W&B
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cbq.config import Config, ConfigError, Device, register_configs, validate
+from cbq.config import Config, ConfigError, Device, ExportFormat, register_configs, validate
 from cbq.data import calibration_batch, evaluation_windows, metric_name
 from cbq.eval import evaluate_zeroshot, perplexity, prepare_zeroshot
+from cbq.export import export_model
 from cbq.methods import METHODS, RunContext, build_method
 from cbq.models import adapter_for, load_model
 from cbq.results import RunRecord, write_skipped
@@ -138,6 +140,8 @@ def _execute(
         )
     record.add_stats(stats)
     model.to(device)  # methods may leave committed blocks offloaded to the CPU
+    if cfg.export.format is not ExportFormat.none:
+        _export(cfg, model, tokenizer, run_dir, record)
     if cfg.eval.ppl:
         with record.phase("eval_ppl"):
             for corpus in cfg.data.eval:
@@ -163,6 +167,28 @@ def _execute(
         record.add_metrics(results.metrics())
         record.add_stats(results.stats())
         tracker.log(results.metrics())
+
+
+def _export(cfg: Config, model, tokenizer, run_dir: Path, record: RunRecord) -> None:
+    """Save the quantized model (``method=fp`` exports the FP model as it is)."""
+    target = Path(cfg.export.dir).expanduser() if cfg.export.dir else run_dir / "quantized"
+    method = cfg.method["name"]
+    with record.phase("export"):
+        result = export_model(
+            model,
+            tokenizer,
+            target,
+            cfg.export.format,
+            method=method,
+            setting=None if method == "fp" else cfg.quant.name,
+        )
+    record.add_stats(
+        {
+            "export/path": str(result.path),
+            "export/format": result.format.value,
+            "export/size_bytes": result.size_bytes,
+        }
+    )
 
 
 def sweep_skip_reason(cfg: Config, hydra_cfg: Any) -> str | None:

@@ -1,0 +1,375 @@
+"""Export a quantized model for deployment, and load a packed export back.
+
+Two formats, each a directory with the HF config, the tokenizer and ``cbq_quantization.json``
+(the setting: bits, granularity, group size, symmetry, activation quantization with its
+static scales, method, cbq version):
+
+- ``dequantized``: a standard HF checkpoint (``model.safetensors``) whose linear weights are
+  the quantized weights ``(q - z) * s`` as floats; plain ``from_pretrained`` loads it, but
+  then activations run in full precision.
+- ``packed``: ``cbq_packed.safetensors`` holding per quantized linear ``<name>.qweight``
+  (the ``b``-bit codes of the ``(out, in)`` weight, row-major, bit-packed by
+  :func:`cbq.quant.packing.pack_bits`), ``<name>.scales`` (float, ``(out, groups)``; one
+  group per channel, ``(1, 1)`` per tensor), ``<name>.qzeros`` (the rounded zero points,
+  packed the same way), ``<name>.bias``, and ``<name>.act_scale`` / ``<name>.act_zero`` for
+  static activation quantizers; every other tensor (embeddings, norms, lm_head) as it is,
+  tied copies stored once. :func:`load_packed` rebuilds the model with ``QuantLinear``
+  modules whose weights are bit-identical to the exported ones.
+
+Every exported quantized weight is checked to lie exactly on its quantizer's grid.
+Exporting leaves the in-memory model's modules and weights as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Container, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+)
+
+import cbq
+from cbq.config import ExportFormat
+from cbq.models.registry import attn_implementation_for
+from cbq.quant import ActQuantizer, Granularity, QuantLinear, QuantSpec, quant_linears, wrap_block
+from cbq.quant.packing import OffGridError, dequantize, pack_bits, unpack_bits, weight_codes
+
+log = logging.getLogger(__name__)
+
+META_FILE = "cbq_quantization.json"
+PACKED_FILE = "cbq_packed.safetensors"
+LOADING = {
+    ExportFormat.dequantized: "AutoModelForCausalLM.from_pretrained(dir): the quantized "
+    "weights as floats; activations are NOT quantized by plain Hugging Face loading",
+    ExportFormat.packed: "cbq.export.load_packed(dir): QuantLinear modules with the quantized "
+    "weights and the activation quantizers of the run (not loadable by plain Hugging Face)",
+}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    format: ExportFormat
+    size_bytes: int
+
+
+def export_model(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    directory: str | Path,
+    fmt: ExportFormat | str,
+    *,
+    method: str,
+    setting: str | None = None,
+) -> ExportResult:
+    """Write ``model`` (with its ``QuantLinear`` modules) to ``directory`` in format ``fmt``.
+
+    ``directory`` is replaced atomically; it must not exist, be empty or hold an earlier
+    export. A model without ``QuantLinear`` modules (``method=fp``) is exported as it is."""
+    fmt = ExportFormat(fmt)
+    if fmt is ExportFormat.none:
+        raise ValueError("export format 'none' writes nothing")
+    target = Path(directory)
+    meta = describe(model, fmt, method, setting)
+    _warn_about(meta, fmt)
+    with _staging(target) as staging:
+        if fmt is ExportFormat.dequantized:
+            model.save_pretrained(staging, state_dict=plain_state(model))
+        else:
+            meta["tied"] = _write_packed(model, staging / PACKED_FILE)
+            model.config.save_pretrained(staging)
+            if model.can_generate():
+                model.generation_config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+    size = directory_size(target)
+    log.info(
+        "exported %s model to %s: %.2f MiB (unquantized %s: %.2f MiB)",
+        fmt.value,
+        target,
+        size / 2**20,
+        meta["dtype"],
+        unquantized_size(model) / 2**20,
+    )
+    return ExportResult(target, fmt, size)
+
+
+def describe(
+    model: PreTrainedModel, fmt: ExportFormat, method: str, setting: str | None
+) -> dict[str, Any]:
+    """The contents of ``cbq_quantization.json`` (the packed format adds ``tied``)."""
+    qlinears = dict(quant_linears(model))
+    weight_spec, act_spec = _shared_specs(qlinears)
+    return {
+        "format": fmt.value,
+        "cbq_version": cbq.__version__,
+        "method": method,
+        "setting": setting,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "loading": LOADING[fmt],
+        "weights": _spec_dict(weight_spec),
+        "activations": _spec_dict(act_spec),
+        "static_activation_scales": {
+            name: {"scale": q.act_quantizer.scale.item(), "zero": q.act_quantizer.zero.item()}
+            for name, q in qlinears.items()
+            if q.act_quantizer.needs_calibration
+        },
+        "packing": "little-endian bit stream per tensor, ceil(n*bits/8) bytes (cbq.quant.packing)"
+        if fmt is ExportFormat.packed
+        else None,
+        "quantized_linears": list(qlinears),
+    }
+
+
+def _shared_specs(qlinears: dict[str, QuantLinear]) -> tuple[QuantSpec | None, QuantSpec | None]:
+    specs = {(q.weight_quantizer.spec, q.act_quantizer.spec) for q in qlinears.values()}
+    if len(specs) > 1:
+        raise ValueError(f"cannot export linears quantized with different settings: {specs}")
+    return next(iter(specs), (None, None))
+
+
+def _spec_dict(spec: QuantSpec | None) -> dict[str, Any] | None:
+    """The spec as JSON; None when nothing is quantized."""
+    if spec is None or not spec.enabled:
+        return None
+    return {**dataclasses.asdict(spec), "granularity": spec.granularity.value}
+
+
+def _spec_from(values: dict[str, Any] | None) -> QuantSpec:
+    if values is None:
+        return QuantSpec()
+    return QuantSpec(**{**values, "granularity": Granularity(values["granularity"])})
+
+
+def _warn_about(meta: dict[str, Any], fmt: ExportFormat) -> None:
+    if not meta["quantized_linears"]:
+        log.warning("export: the model has no quantized linears (method=fp?); exporting it as is")
+    activations = meta["activations"]
+    if fmt is ExportFormat.dequantized and activations:
+        log.warning(
+            "export: plain Hugging Face loading of a dequantized export does NOT quantize "
+            "activations (this run quantized them to %d bits); use export=packed and "
+            "cbq.export.load_packed to keep them",
+            activations["bits"],
+        )
+
+
+def _checked_weight(name: str, qlinear: QuantLinear) -> torch.Tensor:
+    """The linear's quantized weight, checked to lie exactly on its quantizer's grid."""
+    weight = qlinear.quantized_weight().detach()
+    if qlinear.weight_quantizer.spec.enabled:
+        _codes(name, qlinear, weight)
+    return weight
+
+
+def _codes(name: str, qlinear: QuantLinear, weight: torch.Tensor) -> torch.Tensor:
+    try:
+        return weight_codes(qlinear.weight_quantizer, weight)
+    except OffGridError as error:
+        raise OffGridError(f"{name}: {error}") from None
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the model with every ``QuantLinear`` unwrapped to its linear, holding
+    the quantized weight (the model itself is left as it is)."""
+    qlinears = dict(quant_linears(model))
+    state = {}
+    for key, tensor in model.state_dict().items():
+        owner, rest = _owner(key, qlinears)
+        if owner is None:
+            state[key] = tensor
+        elif rest.startswith("linear."):
+            state[f"{owner}.{rest.removeprefix('linear.')}"] = tensor
+    for name, qlinear in qlinears.items():
+        state[f"{name}.weight"] = _checked_weight(name, qlinear)
+    return state
+
+
+def _owner(key: str, qlinears: Container[str]) -> tuple[str | None, str]:
+    """The ``QuantLinear`` (by name) a state-dict key belongs to, and the key's rest under it."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in qlinears:
+            return prefix, ".".join(parts[i:])
+    return None, key
+
+
+def _write_packed(model: nn.Module, path: Path) -> dict[str, str]:
+    """Write the packed tensors; return the tied keys stored once (``{alias: stored}``)."""
+    qlinears = dict(quant_linears(model))
+    tensors, tied = _untied(
+        {key: t for key, t in model.state_dict().items() if _owner(key, qlinears)[0] is None}
+    )
+    for name, qlinear in qlinears.items():
+        tensors.update(_packed_linear(name, qlinear))
+    save_file(
+        {key: t.detach().cpu().contiguous() for key, t in tensors.items()},
+        str(path),
+        metadata={"format": "pt", "cbq": "packed"},
+    )
+    return tied
+
+
+def _untied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    kept: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, tensor in state.items():
+        identity = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+        if identity in seen:
+            tied[key] = seen[identity]
+        else:
+            seen[identity] = key
+            kept[key] = tensor
+    return kept, tied
+
+
+def _packed_linear(name: str, qlinear: QuantLinear) -> dict[str, torch.Tensor]:
+    quantizer, act = qlinear.weight_quantizer, qlinear.act_quantizer
+    tensors = {} if qlinear.bias is None else {f"{name}.bias": qlinear.bias}
+    weight = qlinear.quantized_weight().detach()
+    bits = quantizer.spec.bits
+    if quantizer.spec.enabled:
+        zeros = quantizer.zero.detach().round()
+        if bool((zeros < 0).any() or (zeros > quantizer.spec.qmax).any()):
+            raise ValueError(f"{name}: zero points outside [0, {quantizer.spec.qmax}]")
+        tensors[f"{name}.qweight"] = pack_bits(_codes(name, qlinear, weight), bits)
+        tensors[f"{name}.scales"] = quantizer.scale.detach()
+        tensors[f"{name}.qzeros"] = pack_bits(zeros, bits)
+    else:
+        tensors[f"{name}.weight"] = weight
+    if act.needs_calibration:
+        if not act.calibrated:
+            raise ValueError(f"{name}: its static activation quantizer was never calibrated")
+        tensors[f"{name}.act_scale"] = act.scale.detach()
+        tensors[f"{name}.act_zero"] = act.zero.detach()
+    return tensors
+
+
+def load_packed(directory: str | Path, device: str = "cpu") -> tuple[PreTrainedModel, Any]:
+    """Rebuild a ``packed`` export: the model (eval mode, ``QuantLinear`` modules with
+    materialized weights and calibrated activation quantizers) and its tokenizer."""
+    directory = Path(directory)
+    meta = json.loads((directory / META_FILE).read_text())
+    if meta["format"] != ExportFormat.packed.value:
+        raise ValueError(
+            f"{directory} is a {meta['format']} export; load it with "
+            "AutoModelForCausalLM.from_pretrained"
+        )
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(
+        config,
+        dtype=getattr(torch, meta["dtype"]),
+        attn_implementation=attn_implementation_for(config.model_type),
+    )
+    names = meta["quantized_linears"]
+    if names:
+        wrap_block(model, names, _spec_from(meta["weights"]), _spec_from(meta["activations"]))
+    tensors = load_file(str(directory / PACKED_FILE))
+    for name in names:
+        _load_linear(name, model.get_submodule(name), tensors)
+    _load_plain(model, tensors, meta["tied"], names)
+    if (directory / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def _load_linear(name: str, qlinear: QuantLinear, tensors: dict[str, torch.Tensor]) -> None:
+    """Fill ``qlinear`` from (and remove) its packed tensors."""
+    quantizer, linear = qlinear.weight_quantizer, qlinear.linear
+    if f"{name}.bias" in tensors:
+        linear.bias.copy_(tensors.pop(f"{name}.bias"))
+    if quantizer.spec.enabled:
+        scale = tensors.pop(f"{name}.scales")
+        zeros = unpack_bits(tensors.pop(f"{name}.qzeros"), quantizer.spec.bits, scale.numel())
+        quantizer.scale.copy_(scale)
+        quantizer.zero.copy_(zeros.reshape(scale.shape))
+        codes = unpack_bits(
+            tensors.pop(f"{name}.qweight"), quantizer.spec.bits, linear.weight.numel()
+        )
+        weight = dequantize(quantizer, codes.reshape(linear.weight.shape), linear.weight.dtype)
+        linear.weight.copy_(weight)
+    else:
+        linear.weight.copy_(tensors.pop(f"{name}.weight"))
+    qlinear.weight_materialized = True
+    _load_act(qlinear.act_quantizer, name, tensors)
+
+
+def _load_act(act: ActQuantizer, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    if not act.needs_calibration:
+        return
+    act.scale.copy_(tensors.pop(f"{name}.act_scale"))
+    act.zero.copy_(tensors.pop(f"{name}.act_zero"))
+    act.calibrated = True
+
+
+def _load_plain(
+    model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str], names: list[str]
+) -> None:
+    """Load the remaining tensors; everything not under a quantized linear must be there."""
+    state = {**tensors, **{alias: tensors[stored] for alias, stored in tied.items()}}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    quantized = set(names)
+    missing = [key for key in missing if _owner(key, quantized)[0] is None]
+    if missing or unexpected:
+        raise ValueError(
+            f"packed export does not match the model: missing {missing}, unexpected {unexpected}"
+        )
+
+
+def unquantized_size(model: nn.Module) -> int:
+    """Bytes of the model's tensors as an unquantized checkpoint stores them."""
+    qlinears = dict(quant_linears(model))
+    state = {key: t for key, t in model.state_dict().items() if _owner(key, qlinears)[0] is None}
+    for name, qlinear in qlinears.items():
+        state.update({f"{name}.{key}": t for key, t in qlinear.linear.state_dict().items()})
+    tensors, _ = _untied(state)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def directory_size(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+@contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A scratch directory that replaces ``target`` when the block succeeds."""
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_replaceable(target: Path) -> None:
+    """Only a missing or empty directory, or an earlier export, may be replaced."""
+    if not target.exists() or (target / META_FILE).is_file():
+        return
+    if target.is_file() or any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not a cbq export; choose another directory")
