@@ -258,6 +258,17 @@ def method_label(record: Record) -> str:
     return f"{name} {window_label(record)}" if name == "cbq" else name
 
 
+def label_rank(labels: Sequence[str]) -> Callable[[tuple[Any, ...]], int]:
+    """Rows by the first word of their first component, in the order of ``labels``
+    (unknown ones last); ties keep the order the rows first appeared in."""
+
+    def rank(key: tuple[Any, ...]) -> int:
+        first_word = str(key[0]).split(" ")[0]
+        return labels.index(first_word) if first_word in labels else len(labels)
+
+    return rank
+
+
 def rounding_label(record: Record) -> str:
     kind = lookup(record, "rounding.kind")
     if kind == "lora":
@@ -360,14 +371,17 @@ class Layout:
     reference). ``row_order``: ``grouped`` ranks each row-key component by where its value
     first appeared (rows grouped by the first component, then the second, ...; ``fp``
     first), ``appearance`` keeps the order the rows first appeared in, ``value`` sorts by
-    the values. ``column_rank`` puts groups of columns first (lower first)."""
+    the values, ``paper`` by ``paper_rank`` (the paper's row order). ``column_rank`` puts
+    groups of columns first (lower first)."""
 
     title: str
     rows: tuple[str, ...]
     entries: Callable[[Record], Iterator[Entry]]
     ablates: tuple[str, ...] = ()
     cbq_only: bool = False
-    row_order: Literal["grouped", "appearance", "value"] = "grouped"
+    row_order: Literal["grouped", "appearance", "value", "paper"] = "grouped"
+    # With row_order="paper": the sort key that puts rows in the paper's order.
+    paper_rank: Callable[[tuple[Any, ...]], Any] = lambda key: 0
     column_rank: Callable[[Column], int] = lambda column: 0
     footer: Callable[[list[Record]], list[str]] = lambda records: []
 
@@ -505,7 +519,9 @@ LAYOUTS: dict[int, Layout] = {
         table5_entries,
         ablates=("loss",),
         cbq_only=True,
-        row_order="appearance",
+        row_order="paper",
+        # L2, KL, L2+KL, then with homologous targets; rows are (KL, L2, homologous).
+        paper_rank=lambda key: (key[2], key[0] and key[1], key[0]),
     ),
     6: Layout(
         "Table 6: CBQ rounding (perplexity, optimizer steps, rounding variables, memory, time)",
@@ -513,6 +529,8 @@ LAYOUTS: dict[int, Layout] = {
         table6_entries,
         ablates=("rounding",),
         cbq_only=True,
+        row_order="paper",
+        paper_rank=label_rank(("nearest", "adaround", "lora")),
         footer=lambda records: [
             "#iters: optimizer steps of the whole run (all windows); rounding params/block: "
             "learnable rounding variables of one block (0: round to nearest)."
@@ -524,6 +542,8 @@ LAYOUTS: dict[int, Layout] = {
         table7_entries,
         ablates=("cfp",),
         cbq_only=True,
+        row_order="paper",
+        paper_rank=label_rank(("none", "weight", "weight_act")),
     ),
 }
 
@@ -557,7 +577,7 @@ def build_table(records: Sequence[Record], number: int) -> Table:
             else:
                 cell.setdefault(entry.column, None)
     columns.sort(key=layout.column_rank)  # stable: first appearance within a rank
-    keys = order_rows(list(cells), layout.row_order)
+    keys = order_rows(list(cells), layout.row_order, layout.paper_rank)
     rows = [(key, [cells[key].get(c) for c in columns]) for key in keys]
     return Table(layout.title, layout.rows, columns, rows, layout.footer(runs))
 
@@ -566,10 +586,16 @@ def _natural_key(key: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
     return tuple((0, part) if isinstance(part, int | float) else (1, str(part)) for part in key)
 
 
-def order_rows(keys: list[tuple[Any, ...]], order: str) -> list[tuple[Any, ...]]:
+def order_rows(
+    keys: list[tuple[Any, ...]],
+    order: str,
+    paper_rank: Callable[[tuple[Any, ...]], Any] = lambda key: 0,
+) -> list[tuple[Any, ...]]:
     """Row keys, given in order of first appearance, in the layout's order."""
     if order == "appearance":
         return keys
+    if order == "paper":
+        return sorted(keys, key=paper_rank)
     if order == "value":
         return sorted(keys, key=_natural_key)
     return _grouped(keys)

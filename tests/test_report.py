@@ -379,3 +379,29 @@ def test_example_sweeps_fill_tables_4_and_5(tmp_path):
     records = load_many(write_example_sweeps(tmp_path))
     assert len(build_table(records, 4).rows) == 4
     assert len(build_table(records, 5).rows) == 3
+
+
+def test_ablation_rows_follow_the_papers_order_whatever_order_the_runs_ran_in(tmp_path):
+    sweep = Sweep(tmp_path)
+    for loss, value in {("l2_kl", True): 1.0, ("kl", False): 2.0, ("l2", False): 3.0}.items():
+        sweep.add(run(loss=loss, ppl={"wiki": value}))
+    sweep.add(run(loss=("l2_kl", False), ppl={"wiki": 4.0}))
+    assert [row[:3] for row in rows(build_table(load_results(tmp_path), 5))[1:]] == [
+        ["✗", "✓", "✗"],
+        ["✓", "✗", "✗"],
+        ["✓", "✓", "✗"],
+        ["✓", "✓", "✓"],
+    ]
+    for table, component, kinds in (
+        (6, "rounding", (("lora", 5), ("nearest", 5), ("adaround", 5))),
+        (7, "cfp", ("weight_act", "none", "weight")),
+    ):
+        root = tmp_path / str(table)
+        ablation = Sweep(root)
+        for kind in kinds:
+            ablation.add(run(quant="w4a4", ppl={"wiki": 1.0}, **{component: kind}))
+        first = [row[0].split(" ")[0] for row in rows(build_table(load_results(root), table))[1:]]
+        expected = (
+            ["nearest", "adaround", "lora"] if table == 6 else ["none", "weight", "weight_act"]
+        )
+        assert first == expected
