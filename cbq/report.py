@@ -118,7 +118,10 @@ def pivot(
         column = str(lookup(record, cols))
         if column not in columns:
             columns.append(column)
-        cells.setdefault(key, {})[column] = record.get("metrics", {}).get(metric)
+        value = record.get("metrics", {}).get(metric)
+        cell = cells.setdefault(key, {})
+        if value is not None or column not in cell:  # a run without the metric erases nothing
+            cell[column] = value
     header = [r.split(".")[0] for r in rows] + columns
     body = [
         list(key) + [format_value(values.get(c)) for c in columns] for key, values in cells.items()

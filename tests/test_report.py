@@ -405,3 +405,11 @@ def test_ablation_rows_follow_the_papers_order_whatever_order_the_runs_ran_in(tm
             ["nearest", "adaround", "lora"] if table == 6 else ["none", "weight", "weight_act"]
         )
         assert first == expected
+
+
+def test_pivot_keeps_a_cell_that_a_later_run_without_the_metric_does_not_have(tmp_path):
+    Sweep(tmp_path).add(run("rtn", "w4a4", ppl={"wiki-sample": 1329.0}))
+    Sweep(tmp_path / "later").add(run("rtn", "w4a4", ppl={"lee-news": 2147.0}))
+    records = load_results(tmp_path)
+    for metric, value in (("ppl/wiki-sample", "1329.00"), ("ppl/lee-news", "2147.00")):
+        assert pivot(records, ["method.name"], "setting", metric)[1] == [["rtn", value]]
