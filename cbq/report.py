@@ -105,6 +105,13 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def metric_value(record: Record, metric: str) -> Any:
+    """A key of the run's metrics (``ppl/wiki-sample``), else a dotted path into the record
+    (``timing_s.quantize``, ``memory.peak_rss_mib``)."""
+    value = record.get("metrics", {}).get(metric)
+    return lookup(record, metric) if value is None and "." in metric else value
+
+
 def pivot(
     records: Iterable[Record], rows: Sequence[str], cols: str, metric: str
 ) -> tuple[list[str], list[list[str]]]:
@@ -118,7 +125,7 @@ def pivot(
         column = str(lookup(record, cols))
         if column not in columns:
             columns.append(column)
-        value = record.get("metrics", {}).get(metric)
+        value = metric_value(record, metric)
         cell = cells.setdefault(key, {})
         if value is not None or column not in cell:  # a run without the metric erases nothing
             cell[column] = value
@@ -682,7 +689,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Tables from sweeps' results.json files")
     parser.add_argument("roots", type=Path, nargs="+", help="run or sweep dirs")
     parser.add_argument("--table", type=int, choices=sorted(LAYOUTS), help="a paper table")
-    parser.add_argument("--metric", default="ppl/wiki-sample")
+    parser.add_argument(
+        "--metric",
+        default="ppl/wiki-sample",
+        help="a metrics key, or a dotted path such as timing_s.quantize or memory.peak_rss_mib",
+    )
     parser.add_argument("--rows", nargs="+", default=["model.name"])
     parser.add_argument("--cols", default="setting", help="fp, or the quant preset")
     parser.add_argument("--csv", action="store_true", help="CSV instead of Markdown")

@@ -12,6 +12,7 @@ from cbq.quant import (
     QuantSpec,
     observing_activations,
     quant_linears,
+    stored_weights,
     unwrap_block,
     wrap_block,
 )
@@ -51,6 +52,19 @@ def test_materialize_writes_quantized_weight_once():
     torch.testing.assert_close(linear(x), before)  # the plain linear now holds Q(W)
     qlinear.materialize()  # idempotent: quantizing Q(W) again would not be a no-op in general
     torch.testing.assert_close(qlinear(x), before)
+
+
+def test_stored_weights_forwards_the_fp_weight_then_quantizes_again():
+    linear = nn.Linear(6, 3)
+    qlinear = QuantLinear(linear, W4, FP)
+    x = torch.randn(2, 6)
+    quantized = qlinear(x)
+    with stored_weights([qlinear]):
+        torch.testing.assert_close(qlinear(x), linear(x))
+    torch.testing.assert_close(qlinear(x), quantized)
+    qlinear.materialize()
+    with pytest.raises(RuntimeError, match="not materialized"), stored_weights([qlinear]):
+        pass
 
 
 def test_wrap_and_unwrap_block():

@@ -413,3 +413,14 @@ def test_pivot_keeps_a_cell_that_a_later_run_without_the_metric_does_not_have(tm
     records = load_results(tmp_path)
     for metric, value in (("ppl/wiki-sample", "1329.00"), ("ppl/lee-news", "2147.00")):
         assert pivot(records, ["method.name"], "setting", metric)[1] == [["rtn", value]]
+
+
+def test_pivot_reads_time_and_memory_by_dotted_path(tmp_path):
+    sweep = Sweep(tmp_path)
+    sweep.add(run("rtn", "w4a16", timing_s={"quantize": 1.5}, memory={"peak_rss_mib": 900.0}))
+    sweep.add(run("gptq", "w4a16", timing_s={"quantize": 42.25}, memory={"peak_rss_mib": 1024.0}))
+    records = load_results(tmp_path)
+    seconds = pivot(records, ["method.name"], "setting", "timing_s.quantize")
+    assert seconds == (["method", "w4a16"], [["rtn", "1.50"], ["gptq", "42.25"]])
+    rss = pivot(records, ["method.name"], "setting", "memory.peak_rss_mib")[1]
+    assert rss == [["rtn", "900.00"], ["gptq", "1024.00"]]

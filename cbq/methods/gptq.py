@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,7 @@ from cbq.quant import (
     fake_quant,
     minmax_params,
     observing_activations,
+    stored_weights,
     wrap_block,
 )
 
@@ -360,23 +361,6 @@ def capture_hessians(
     return accumulators
 
 
-@contextmanager
-def full_precision_weights(qlinears: list[QuantLinear]) -> Iterator[None]:
-    """Forwards use the FP weights (a capture pass over the unquantized block).
-
-    Borrows the materialized flag: a materialized ``QuantLinear`` multiplies by its stored
-    weight, which is still the FP one here.
-    """
-    assert not any(q.weight_materialized for q in qlinears)
-    for qlinear in qlinears:
-        qlinear.weight_materialized = True
-    try:
-        yield
-    finally:
-        for qlinear in qlinears:
-            qlinear.weight_materialized = False
-
-
 # --- one linear, one block, the method -----------------------------------------------------
 def quantize_linear(
     qlinear: QuantLinear, hessian: torch.Tensor, cfg: GPTQConfig, name: str
@@ -462,7 +446,7 @@ class GPTQ(QuantMethod):
         if self.cfg.true_sequential:
             accumulators = capture_hessians(stream, qlinears, wanted)
         else:
-            with full_precision_weights(list(qlinears.values())):
+            with stored_weights(qlinears.values()):  # still the FP weights here
                 accumulators = capture_hessians(stream, qlinears, wanted)
         errors = {}
         for name in names:

@@ -76,6 +76,7 @@ from cbq.quant import (
     fake_quant,
     minmax_params,
     observing_activations,
+    stored_weights,
     wrap_block,
 )
 
@@ -477,25 +478,20 @@ class RangeFollowingQuantizer(nn.Module):
 @contextmanager
 def _training_forward(qlinears: Any) -> Iterator[None]:
     """QuantLinears multiply by ``linear.weight`` as it is (the substituted, transformed and
-    fake-quantized weight) instead of quantizing it themselves, which borrows the
-    materialized flag as GPTQ's capture pass does; dynamic activation quantizers are
-    replaced by :class:`RangeFollowingQuantizer` (same forward values)."""
+    fake-quantized weight) instead of quantizing it themselves; dynamic activation
+    quantizers are replaced by :class:`RangeFollowingQuantizer` (same forward values)."""
     qlinears = list(qlinears)
-    assert not any(q.weight_materialized for q in qlinears)
     dynamic = {
         q: q.act_quantizer
         for q in qlinears
         if q.act_quantizer.spec.enabled and q.act_quantizer.spec.dynamic
     }
-    for qlinear in qlinears:
-        qlinear.weight_materialized = True
     for qlinear, quantizer in dynamic.items():
         qlinear.act_quantizer = RangeFollowingQuantizer(quantizer.spec)  # type: ignore[assignment]
     try:
-        yield
+        with stored_weights(qlinears):
+            yield
     finally:
-        for qlinear in qlinears:
-            qlinear.weight_materialized = False
         for qlinear, quantizer in dynamic.items():
             qlinear.act_quantizer = quantizer
 

@@ -4,6 +4,7 @@ from cbq.quant.qlinear import (
     QuantLinear,
     observing_activations,
     quant_linears,
+    stored_weights,
     unwrap_block,
     wrap_block,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "observing_activations",
     "quant_linears",
     "round_ste",
+    "stored_weights",
     "unwrap_block",
     "wrap_block",
 ]

@@ -7,7 +7,7 @@ writes it into the linear once and for all.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -74,6 +74,25 @@ class QuantLinear(nn.Module):
             f"w{w.bits} {w.granularity.value}{'' if w.group_size is None else w.group_size}, "
             f"a{a.bits} {a.granularity.value}{' dynamic' if a.dynamic else ''}"
         )
+
+
+@contextmanager
+def stored_weights(qlinears: Iterable[QuantLinear]) -> Iterator[None]:
+    """Forwards multiply by each ``linear.weight`` as it is instead of quantizing it.
+
+    Before :meth:`QuantLinear.materialize` that weight is the FP one (a capture pass over
+    the unquantized block), or whatever a method writes there while it trains.
+    """
+    qlinears = list(qlinears)
+    if any(q.weight_materialized for q in qlinears):
+        raise RuntimeError("stored_weights() needs QuantLinears that are not materialized yet")
+    for qlinear in qlinears:
+        qlinear.weight_materialized = True
+    try:
+        yield
+    finally:
+        for qlinear in qlinears:
+            qlinear.weight_materialized = False
 
 
 def quant_linears(module: nn.Module) -> Iterator[tuple[str, QuantLinear]]:
