@@ -105,6 +105,18 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def matching(records: Iterable[Record], conditions: Sequence[str]) -> list[Record]:
+    """The runs for which every ``key=value`` condition holds (``model.name=smollm2-135m``,
+    ``setting=w4a16``); a value may list alternatives: ``method.name=rtn,cbq``."""
+    parsed = []
+    for condition in conditions:
+        key, sep, values = condition.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--where takes KEY=VALUE[,VALUE...], got {condition!r}")
+        parsed.append((key, set(values.split(","))))
+    return [r for r in records if all(str(lookup(r, k)) in allowed for k, allowed in parsed)]
+
+
 def metric_value(record: Record, metric: str) -> Any:
     """A key of the run's metrics (``ppl/wiki-sample``), else a dotted path into the record
     (``timing_s.quantize``, ``memory.peak_rss_mib``)."""
@@ -696,12 +708,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--rows", nargs="+", default=["model.name"])
     parser.add_argument("--cols", default="setting", help="fp, or the quant preset")
+    parser.add_argument(
+        "--where",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep only these runs, e.g. model.name=gemma3-270m setting=w4a16,w4a4",
+    )
     parser.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
     parser.add_argument("--plots", type=Path, help="write PNG plots into this dir")
     args = parser.parse_args(argv)
-    records = load_many(args.roots)
+    try:
+        records = matching(load_many(args.roots), args.where)
+    except ValueError as error:
+        parser.error(str(error))
     if not records:
-        raise SystemExit(f"no {RESULTS_FILE} under {', '.join(map(str, args.roots))}")
+        where = f" matching {' '.join(args.where)}" if args.where else ""
+        raise SystemExit(f"no {RESULTS_FILE}{where} under {', '.join(map(str, args.roots))}")
     if args.table is not None:
         table = build_table(records, args.table)
         print(table_csv(table).rstrip("\n") if args.csv else table_markdown(table))

@@ -18,7 +18,9 @@ from cbq.report import (
     load_results,
     main,
     markdown,
+    matching,
     pivot,
+    setting,
     table_csv,
     table_markdown,
 )
@@ -424,3 +426,22 @@ def test_pivot_reads_time_and_memory_by_dotted_path(tmp_path):
     assert seconds == (["method", "w4a16"], [["rtn", "1.50"], ["gptq", "42.25"]])
     rss = pivot(records, ["method.name"], "setting", "memory.peak_rss_mib")[1]
     assert rss == [["rtn", "900.00"], ["gptq", "1024.00"]]
+
+
+def test_where_keeps_only_matching_runs_and_rejects_a_malformed_condition(tmp_path, capsys):
+    sweep = Sweep(tmp_path)
+    for method, quant, ppl in (
+        ("rtn", "w4a16", 40.0),
+        ("cbq", "w4a16", 30.0),
+        ("cbq", "w8a8", 25.0),
+    ):
+        sweep.add(run(method, quant, ppl={"wiki-sample": ppl}))
+    records = load_results(tmp_path)
+    kept = matching(records, ["method.name=cbq", "setting=w4a16,w4a4"])
+    assert [(r["config"]["method"]["name"], setting(r)) for r in kept] == [("cbq", "w4a16")]
+    main([str(tmp_path), "--rows", "method.name", "--where", "setting=w8a8"])
+    assert capsys.readouterr().out.splitlines()[2] == "| cbq | 25.00 |"
+    with pytest.raises(SystemExit, match=r"no results\.json matching model\.name=opt"):
+        main([str(tmp_path), "--where", "model.name=opt"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        matching(records, ["method.name"])
