@@ -78,6 +78,15 @@ def setting(record: Record) -> str | None:
     return config.get("quant", {}).get("name")
 
 
+def bits_order(record: Record) -> tuple[bool, float, float, float]:
+    """Sort key of a setting: weight-only settings before those that also quantize the
+    activations; within each, weight bits, activation bits, then the weight group size
+    (per channel, then larger groups), most precise first."""
+    a_bits = lookup(record, "quant.a_bits") or 16
+    group = lookup(record, "quant.w_group_size")
+    return (a_bits < 16, -(lookup(record, "quant.w_bits") or 0), -a_bits, -(group or math.inf))
+
+
 def lookup(record: Record, dotted: str) -> Any:
     """``quant.name`` style lookups in the config, then in the record; ``setting`` is
     derived (see :func:`setting`)."""
@@ -129,21 +138,23 @@ def pivot(
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a table; later runs of the same cell replace earlier ones."""
     cells: dict[tuple[str, ...], dict[str, Any]] = {}
-    columns: list[str] = []
+    columns: dict[str, Record] = {}  # each column's first run
     for record in records:
         if record.get("status") != "finished":
             continue
         key = tuple(str(lookup(record, r)) for r in rows)
         column = str(lookup(record, cols))
-        if column not in columns:
-            columns.append(column)
+        columns.setdefault(column, record)
         value = metric_value(record, metric)
         cell = cells.setdefault(key, {})
         if value is not None or column not in cell:  # a run without the metric erases nothing
             cell[column] = value
-    header = [r.split(".")[0] for r in rows] + columns
+    order = list(columns)
+    if cols == "setting":  # fp, weight-only, then weights and activations, most bits first
+        order.sort(key=lambda c: (c != "fp", bits_order(columns[c])))
+    header = [r.split(".")[0] for r in rows] + order
     body = [
-        list(key) + [format_value(values.get(c)) for c in columns] for key, values in cells.items()
+        list(key) + [format_value(values.get(c)) for c in order] for key, values in cells.items()
     ]
     return header, body
 

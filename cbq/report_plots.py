@@ -7,7 +7,6 @@ which renders with the Agg backend. :func:`write_plots` does both for ``cbq.repo
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from matplotlib.figure import Figure
 from cbq.report import (
     Record,
     at_reference,
+    bits_order,
     is_cbq,
     lookup,
     method_name,
@@ -52,15 +52,6 @@ def finished(records: Sequence[Record]) -> list[Record]:
 
 def models(records: Sequence[Record]) -> list[str]:
     return list(dict.fromkeys(str(lookup(r, "model.name")) for r in records))
-
-
-def bits_order(record: Record) -> tuple[bool, float, float, float]:
-    """Sort key of a setting: weight-only settings before those that also quantize the
-    activations; within each, weight bits, activation bits, then the weight group size
-    (per channel, then larger groups), most precise first."""
-    a_bits = lookup(record, "quant.a_bits") or 16
-    group = lookup(record, "quant.w_group_size")
-    return (a_bits < 16, -(lookup(record, "quant.w_bits") or 0), -a_bits, -(group or math.inf))
 
 
 def setting_families(records: Sequence[Record]) -> dict[str, list[str]]:

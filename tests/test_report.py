@@ -59,7 +59,9 @@ def test_pivot_puts_fp_in_its_own_column_and_marks_missing_cells(tmp_path, capsy
 QUANTS = {
     "w4a16": (4, 16, None),
     "w2a16g64": (2, 16, 64),
+    "w3a16g128": (3, 16, 128),
     "w8a8": (8, 8, None),
+    "w4a8": (4, 8, None),
     "w4a4": (4, 4, None),
 }
 
@@ -445,3 +447,12 @@ def test_where_keeps_only_matching_runs_and_rejects_a_malformed_condition(tmp_pa
         main([str(tmp_path), "--where", "model.name=opt"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         matching(records, ["method.name"])
+
+
+def test_setting_columns_go_fp_weight_only_then_weight_act_most_bits_first(tmp_path):
+    sweep = Sweep(tmp_path)
+    for quant in ("w4a4", "w2a16g64", "w8a8", "w4a16", "w4a8", "w3a16g128"):
+        sweep.add(run("rtn", quant, ppl={"wiki-sample": 50.0}))
+    sweep.add(run("fp", "w4a16", ppl={"wiki-sample": 20.0}))
+    header = pivot(load_results(tmp_path), ["method.name"], "setting", "ppl/wiki-sample")[0]
+    assert header == ["method", "fp", "w4a16", "w3a16g128", "w2a16g64", "w8a8", "w4a8", "w4a4"]
