@@ -403,16 +403,15 @@ class Layout:
     ``ablates`` names the CBQ components the table varies (the others are held at their
     reference). ``row_order``: ``grouped`` ranks each row-key component by where its value
     first appeared (rows grouped by the first component, then the second, ...; ``fp``
-    first), ``appearance`` keeps the order the rows first appeared in, ``value`` sorts by
-    the values, ``paper`` by ``paper_rank`` (the paper's row order). ``column_rank`` puts
-    groups of columns first (lower first)."""
+    first), ``value`` sorts by the values, ``paper`` by ``paper_rank`` (the paper's row
+    order). ``column_rank`` puts groups of columns first (lower first)."""
 
     title: str
     rows: tuple[str, ...]
     entries: Callable[[Record], Iterator[Entry]]
     ablates: tuple[str, ...] = ()
     cbq_only: bool = False
-    row_order: Literal["grouped", "appearance", "value", "paper"] = "grouped"
+    row_order: Literal["grouped", "value", "paper"] = "grouped"
     # With row_order="paper": the sort key that puts rows in the paper's order.
     paper_rank: Callable[[tuple[Any, ...]], Any] = lambda key: 0
     column_rank: Callable[[Column], int] = lambda column: 0
@@ -620,13 +619,9 @@ def _natural_key(key: tuple[Any, ...]) -> tuple[tuple[int, Any], ...]:
 
 
 def order_rows(
-    keys: list[tuple[Any, ...]],
-    order: str,
-    paper_rank: Callable[[tuple[Any, ...]], Any] = lambda key: 0,
+    keys: list[tuple[Any, ...]], order: str, paper_rank: Callable[[tuple[Any, ...]], Any]
 ) -> list[tuple[Any, ...]]:
     """Row keys, given in order of first appearance, in the layout's order."""
-    if order == "appearance":
-        return keys
     if order == "paper":
         return sorted(keys, key=paper_rank)
     if order == "value":
