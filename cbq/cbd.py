@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from cbq import cfp
 from cbq.blockwise import embed_batches
 from cbq.config import (
+    ActRule,
     CFPConfig,
     CFPMode,
     LossConfig,
@@ -209,16 +210,7 @@ class CBDTrainer:
         block = self.adapter.blocks()[index]
         stats: dict[str, Any] = {}
         if self.s.cfp.mode == CFPMode.weight_act:
-            stats["act"] = cfp.scale_activation_outliers(
-                self.adapter,
-                index,
-                x_fp,
-                self.ctx,
-                self.s.cfp.lambda1,
-                self.s.cfp.lambda2,
-                batch_size=self.s.knobs.batch_size,
-                **self._split_rule(),
-            )
+            stats["act"] = self._scale_activations(index, x_fp)
         self.fp_blocks[index] = copy.deepcopy(block).requires_grad_(False)
         if self.s.cfp.mode in (CFPMode.weight, CFPMode.weight_act):
             stats["weight"] = cfp.truncate_block_weights(
@@ -233,6 +225,33 @@ class CBDTrainer:
                 self._run(block, index, x_fp)
         self._attach_rounding(index, wrapped.values())
         self.prepared.add(index)
+
+    def _scale_activations(self, index: int, x_fp: torch.Tensor) -> dict[str, Any]:
+        """CFP's activation step (an exact fold): outlier channels only, or a migration."""
+        rule = self.s.cfp
+        if rule.act_rule == ActRule.migrate:
+            return cfp.migrate_activations(
+                self.adapter,
+                index,
+                x_fp,
+                self.ctx,
+                self.quant.weight_spec(),
+                self.quant.act_spec(),
+                rule.alphas,
+                search_tokens=rule.search_tokens,
+                seed=self.s.seed + index,
+                batch_size=self.s.knobs.batch_size,
+            )
+        return cfp.scale_activation_outliers(
+            self.adapter,
+            index,
+            x_fp,
+            self.ctx,
+            rule.lambda1,
+            rule.lambda2,
+            batch_size=self.s.knobs.batch_size,
+            **self._split_rule(),
+        )
 
     def _split_rule(self) -> dict[str, Any]:
         return {

@@ -3,7 +3,8 @@
 - Activations: on the per-channel max |x| entering each scale group's consumers, the
   outlier channels j get ``s_j = max|X_j| / c`` (Eq. 5) and 1 elsewhere, folded exactly
   into the producer and the consumers (:meth:`ModelAdapter.fold_scale`): the FP function
-  is unchanged.
+  is unchanged. ``act_rule="migrate"`` (not in the paper) scales every channel instead, by a
+  searched SmoothQuant migration (:func:`migrate_activations`).
 - Weights: in every linear of the block, the entries whose |W| is a fine outlier are
   clamped to c, keeping their sign. This does change the function.
 
@@ -27,7 +28,7 @@ quantizers initialised earlier would not see the new weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
@@ -37,6 +38,8 @@ from torch import nn
 
 from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup
 from cbq.outliers import Distance, OutlierResult, detect_outliers
+from cbq.quant import QuantSpec
+from cbq.transforms import capture_inputs, first_consumer, group_inputs, search_migration
 
 ClipTo = Literal["threshold", "reserved"]
 CLIP_TO: tuple[str, ...] = ("threshold", "reserved")
@@ -224,6 +227,52 @@ def scale_activation_outliers(
             adapter.fold_scale(group, scale)
             _record_scaled_columns(group, scaled)
     return found
+
+
+@torch.no_grad()
+def migrate_activations(
+    adapter: ModelAdapter,
+    block_index: int,
+    hidden: torch.Tensor,
+    ctx: BlockContext,
+    weight_spec: QuantSpec,
+    act_spec: QuantSpec,
+    alphas: Sequence[float],
+    *,
+    search_tokens: int = 4096,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> dict[str, float | None]:
+    """``cfp.act_rule=migrate``: fold a searched SmoothQuant migration into every scale group
+    of a block, in place (exact). Returns the chosen alpha per group (None: left unscaled).
+
+    The outlier rule scales only the channels the split finds, often one per group; at
+    4-bit activations the many moderately large channels are what the quantizer loses
+    (see the README's Gemma-3 W4A4 diagnosis). Here every channel moves part of its range
+    into the weights, with the strength that minimises the group's fake-quantized output
+    MSE (:func:`cbq.transforms.search_migration`; OS+'s search without the shift). The
+    columns scaled up are recorded for :func:`truncate_block_weights`, as for outliers.
+    """
+    block = adapter.blocks()[block_index]
+    groups = adapter.scale_groups(block)
+    inputs = capture_inputs(
+        adapter,
+        block_index,
+        hidden,
+        ctx,
+        [first_consumer(g) for g in groups],
+        batch_size or hidden.shape[0],
+        search_tokens,
+        seed,
+    )
+    chosen: dict[str, float | None] = {}
+    for group in groups:
+        choice = search_migration(group, group_inputs(group, inputs), weight_spec, act_spec, alphas)
+        choice.fold(adapter, group)
+        if choice.alpha is not None:
+            _record_scaled_columns(group, choice.scale > 1.0)
+        chosen[group.name] = choice.alpha
+    return chosen
 
 
 @torch.no_grad()

@@ -177,6 +177,11 @@ class CFPMode(str, Enum):
     weight_act = "weight_act"
 
 
+class ActRule(str, Enum):
+    outliers = "outliers"
+    migrate = "migrate"
+
+
 class SplitDistance(str, Enum):
     mean = "mean"
     gap = "gap"
@@ -199,6 +204,14 @@ class CFPConfig:
     # Clamp / scale outliers down to the split threshold (paper) or to the largest
     # reserved (non-outlier) value.
     clip_to: ClipTo = ClipTo.threshold
+    # How mode=weight_act treats activations: "outliers" scales the outlier channels found
+    # by the split (Eq. 5, the paper); "migrate" scales every channel by SmoothQuant's
+    # s = max|X|^a / max|W|^(1-a), with a searched per scale group in ``alphas`` (and s = 1)
+    # against the consumers' fake-quantized output MSE, as OS+ does (cbq.cfp).
+    act_rule: ActRule = ActRule.outliers
+    alphas: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    # Calibration tokens (sampled, seeded by the run's seed) the alpha search runs on.
+    search_tokens: int = 4096
 
 
 class RoundingKind(str, Enum):
@@ -444,6 +457,13 @@ def _cbq_component_problems(cfg: Config) -> list[str]:
     for name in ("lambda1", "lambda2"):
         if getattr(cfg.cfp, name) < 0:
             problems.append(f"cfp.{name}: {getattr(cfg.cfp, name)} must be >= 0")
+    if not cfg.cfp.alphas or not all(0 <= a <= 1 for a in cfg.cfp.alphas):
+        problems.append(
+            f"cfp.alphas: {list(cfg.cfp.alphas)} is not allowed; allowed: a non-empty list "
+            "of values in [0, 1]"
+        )
+    if cfg.cfp.search_tokens < 1:
+        problems.append(f"cfp.search_tokens: {cfg.cfp.search_tokens} must be >= 1")
     return problems
 
 

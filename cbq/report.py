@@ -316,6 +316,7 @@ def cfp_label(record: Record) -> str:
     label, distance = str(lookup(record, "cfp.mode")), lookup(record, "cfp.distance")
     variant = [] if distance in (None, "mean") else [str(distance)]
     variant += ["log"] if lookup(record, "cfp.log_space") else []
+    variant += ["migrate"] if lookup(record, "cfp.act_rule") == "migrate" else []
     return label + (f" ({', '.join(variant)})" if variant else "")
 
 
@@ -325,7 +326,7 @@ def cfp_label(record: Record) -> str:
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "window": ("size", "overlap"),
     "loss": ("kind", "homologous"),
-    "cfp": ("mode", "distance", "log_space"),
+    "cfp": ("mode", "distance", "log_space", "act_rule"),
     "rounding": ("kind", "rank"),
 }
 _DEFAULTS = {

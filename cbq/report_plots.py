@@ -20,6 +20,7 @@ from cbq.report import (
     Record,
     at_reference,
     bits_order,
+    cfp_label,
     is_cbq,
     lookup,
     method_name,
@@ -40,7 +41,7 @@ RUN_FIELDS: tuple[tuple[str, Any], ...] = (
         lambda r: str(lookup(r, "loss.kind")) + (" +hom" if lookup(r, "loss.homologous") else ""),
     ),
     ("rounding", rounding_label),
-    ("cfp", lambda r: lookup(r, "cfp.mode")),
+    ("cfp", cfp_label),
     ("samples", lambda r: lookup(r, "data.n_samples")),
     ("epochs", lambda r: lookup(r, "method.epochs")),
 )

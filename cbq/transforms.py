@@ -24,7 +24,7 @@ built from the transformed weights.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,6 +313,62 @@ class GroupSearch:
             total += float((out - reference).pow(2).sum())
             count += out.numel()
         return total / max(count, 1)
+
+
+@dataclass
+class Migration:
+    """The transform :func:`search_migration` chose for one scale group."""
+
+    shift: torch.Tensor | None
+    alpha: float | None  # None: s = 1 (no scaling)
+    scale: torch.Tensor
+    error: float
+    # Search MSE with no transform at all; 0 when every candidate was shifted.
+    identity_error: float
+
+    def fold(self, adapter: ModelAdapter, group: ScaleGroup) -> None:
+        if self.shift is not None:
+            fold_shift(group, self.shift)
+        if self.alpha is not None:
+            adapter.fold_scale(group, self.scale)
+
+    def error_vs_identity(self) -> float | None:
+        return self.error / self.identity_error if self.identity_error > 0 else None
+
+
+def search_migration(
+    group: ScaleGroup,
+    inputs: InputStats,
+    weight_spec: QuantSpec,
+    act_spec: QuantSpec,
+    alphas: Sequence[float],
+    shifts: Sequence[torch.Tensor | None] = (None,),
+    try_identity: bool = True,
+) -> Migration:
+    """The (shift, migration strength) of the smallest :class:`GroupSearch` error: every
+    shift candidate with every ``alpha`` (``s = max|X - z|^a / max|W|^(1-a)``), and with
+    ``s = 1`` when ``try_identity``. Nothing is folded (:meth:`Migration.fold` does)."""
+    errors: dict[tuple[int, float | None], float] = {}
+    scales: dict[tuple[int, float | None], torch.Tensor] = {}
+    identity = 0.0
+    ones = torch.ones(group.num_channels)
+    for position, shift in enumerate(shifts):
+        search = GroupSearch(group, inputs, weight_spec, act_spec, shift)
+        act_absmax = group.reduce_columns(search.column_absmax(), "amax")
+        weight_absmax = weight_channel_absmax(group)
+        candidates: dict[float | None, torch.Tensor] = {
+            alpha: migration_scale(act_absmax, weight_absmax, alpha) for alpha in alphas
+        }
+        if try_identity:
+            candidates[None] = ones
+        for alpha, scale in candidates.items():
+            errors[position, alpha] = search.error(scale)
+            scales[position, alpha] = scale
+        if shift is None:
+            identity = errors.get((position, None)) or search.error(ones)
+    position, alpha = best_of(errors)
+    best = (position, alpha)
+    return Migration(shifts[position], alpha, scales[best], errors[best], identity)
 
 
 def geometric_mean(values: list[float]) -> float | None:

@@ -1,6 +1,7 @@
 """Helpers shared by the tests: random token ids, blockwise logits and their error against a
 reference, RTN references, a method run on a copy of a model, Hydra overrides for runs on a
-saved tiny model. Import them as ``from helpers import ...`` (``tests`` is on the path)."""
+saved tiny model, a tiny model with a planted massive channel. Import them as
+``from helpers import ...`` (``tests`` is on the path)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from cbq.config import Config, QuantConfig
 from cbq.methods import RunContext
 from cbq.methods.rtn import RoundToNearest, RTNConfig
-from cbq.models import adapter_for
+from cbq.models import ModelAdapter, ScaleGroup, adapter_for, tiny_model
 from cbq.quant import QuantLinear, wrap_block
 
 CPU = torch.device("cpu")
@@ -90,3 +91,28 @@ def run_overrides(
         f"logger={logger}",
         *extra,
     ]
+
+
+# 4-bit weights per channel, 4-bit dynamic per-token activations (the w4a4 preset).
+W4A4 = QuantConfig(name="w4a4", w_bits=4, a_bits=4, a_granularity="per_token", a_dynamic=True)
+
+PLANTED = 5  # channel of the block-0 attention-input norm made 50x larger
+
+
+def planted(family: str) -> tuple[nn.Module, ModelAdapter]:
+    """A tiny model whose block-0 ``attn_in`` norm makes channel PLANTED ~50x the others."""
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    norm = attn_in(adapter).producer
+    with torch.no_grad():
+        if family == "gemma3":  # x_hat * (1 + w)
+            norm.weight[PLANTED] = (1.0 + norm.weight[PLANTED]) * 50.0 - 1.0
+        else:
+            norm.weight[PLANTED] *= 50.0
+        if getattr(norm, "bias", None) is not None:
+            norm.bias[PLANTED] *= 50.0
+    return model, adapter
+
+
+def attn_in(adapter: ModelAdapter) -> ScaleGroup:
+    return next(g for g in adapter.scale_groups(adapter.blocks()[0]) if g.name == "attn_in")

@@ -6,27 +6,27 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from cbq.cfp import (
     SCALED_COLUMNS_ATTR,
     activation_channel_scales,
     apply_cfp_to_block,
     collect_channel_absmax,
+    migrate_activations,
     scale_activation_outliers,
     truncate_block_weights,
     truncate_weight_outliers,
 )
-from cbq.models import ModelAdapter, ScaleGroup, adapter_for, tiny_model, tiny_tokenizer
+from cbq.models import ModelAdapter, tiny_tokenizer
 from cbq.models.adapter import consumer_weight
 from cbq.outliers import detect_outliers
 from cbq.quant.qlinear import wrap_block
 from cbq.quant.quantizer import QuantSpec
+from cbq.transforms import GroupSearch, capture_inputs, first_consumer
 
-from helpers import logits
+from helpers import PLANTED, W4A4, attn_in, logits, planted
 
 FAMILIES = ["opt", "bloom", "llama", "qwen2", "mistral", "gemma3"]
-PLANTED = 5  # channel of the block-0 attention-input norm made 50x larger
 # clip_to="reserved" so that the lone planted channel is really scaled (with the default
 # "threshold" a single outlier channel gets s = 1).
 RULE = {"clip_to": "reserved"}
@@ -39,25 +39,6 @@ def ids() -> torch.Tensor:
         "the sea. In the spring the water is high and fast, and in the summer it is low."
     ).input_ids
     return torch.tensor([tokens[:16], tokens[8:24]])
-
-
-def planted(family: str) -> tuple[nn.Module, ModelAdapter]:
-    """A tiny model whose block-0 ``attn_in`` norm makes channel PLANTED ~50x the others."""
-    model = tiny_model(family)
-    adapter = adapter_for(model)
-    norm = attn_in(adapter).producer
-    with torch.no_grad():
-        if family == "gemma3":  # x_hat * (1 + w)
-            norm.weight[PLANTED] = (1.0 + norm.weight[PLANTED]) * 50.0 - 1.0
-        else:
-            norm.weight[PLANTED] *= 50.0
-        if getattr(norm, "bias", None) is not None:
-            norm.bias[PLANTED] *= 50.0
-    return model, adapter
-
-
-def attn_in(adapter: ModelAdapter) -> ScaleGroup:
-    return next(g for g in adapter.scale_groups(adapter.blocks()[0]) if g.name == "attn_in")
 
 
 def block0_inputs(adapter: ModelAdapter, ids: torch.Tensor) -> tuple:
@@ -196,3 +177,33 @@ def test_absmax_batches_and_two_dimensional_inputs(ids: torch.Tensor) -> None:
         assert whole.keys() == chunked.keys()
         for name in whole:
             torch.testing.assert_close(whole[name], chunked[name])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_migration_is_exact_and_lowers_the_search_error(family: str, ids: torch.Tensor) -> None:
+    """act_rule=migrate: every group gets a searched strength, the fold leaves the FP model
+    unchanged, the planted channel is scaled down, and at W4A4 the attention input's
+    fake-quantized output error falls below that of the untransformed block."""
+    _, adapter = planted(family)
+    reference = logits(adapter.model, ids)
+    hidden, ctx = block0_inputs(adapter, ids)
+    group = attn_in(adapter)
+    consumer = first_consumer(group)
+    spec = (W4A4.weight_spec(), W4A4.act_spec())
+    before = capture_inputs(adapter, 0, hidden, ctx, [consumer], 2, 10_000)[consumer]
+    identity_error = GroupSearch(group, before, *spec).error(torch.ones(group.num_channels))
+
+    chosen = migrate_activations(adapter, 0, hidden, ctx, *spec, [0.25, 0.5, 0.75])
+    assert set(chosen) == {g.name for g in adapter.scale_groups(adapter.blocks()[0])}
+    assert chosen["attn_in"] in (0.25, 0.5, 0.75)
+    after = logits(adapter.model, ids)
+    torch.testing.assert_close(after, reference, atol=1e-4 * float(reference.abs().max()), rtol=0)
+
+    moved = capture_inputs(adapter, 0, hidden, ctx, [consumer], 2, 10_000)[consumer]
+    planted_before = float(torch.maximum(-before.low, before.high)[PLANTED])
+    assert float(torch.maximum(-moved.low, moved.high)[PLANTED]) < 0.5 * planted_before
+    migrated_error = GroupSearch(group, moved, *spec).error(torch.ones(group.num_channels))
+    # Measured: 0.09-0.11x on every family.
+    assert migrated_error < 0.3 * identity_error, (migrated_error, identity_error)
+    # The columns that grew are protected from weight truncation, as after outlier scaling.
+    assert all(getattr(c, SCALED_COLUMNS_ATTR, None) is not None for c in group.consumers)

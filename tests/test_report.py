@@ -300,6 +300,9 @@ def test_table7_cfp_mode_by_setting(tmp_path):
     loggap = run(quant="w4a4", ppl={"wiki": 37.0})
     loggap["config"]["cfp"] |= {"distance": "gap", "log_space": True}
     sweep.add(loggap)
+    migrated = run(quant="w4a4", ppl={"wiki": 30.0})
+    migrated["config"]["cfp"] |= {"act_rule": "migrate"}
+    sweep.add(migrated)
     assert rows(build_table(load_results(tmp_path), 7)) == [
         ["cfp", "setting", "smol wiki"],
         ["none", "w4a4", "45.90"],
@@ -309,6 +312,7 @@ def test_table7_cfp_mode_by_setting(tmp_path):
         ["weight_act", "w4a4", "38.20"],
         ["weight_act", "w8a8", "39.20"],
         ["weight_act (gap, log)", "w4a4", "37.00"],
+        ["weight_act (migrate)", "w4a4", "30.00"],
     ]
 
 

@@ -50,18 +50,16 @@ from cbq.methods.base import Activations, MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import ModelAdapter, ScaleGroup
 from cbq.transforms import (
     CalibrationStream,
-    GroupSearch,
     InputStats,
-    best_of,
     capture_inputs,
     channel_center,
     first_consumer,
-    fold_shift,
     geometric_mean,
     group_inputs,
     has_linear_producer,
     migration_scale,
     rtn_quantize_block,
+    search_migration,
     shift_problem,
     weight_channel_absmax,
 )
@@ -251,45 +249,23 @@ class OutlierSuppressionPlus(_Smoothing):
         if self.cfg.shift and shift_problem(group) is None:
             center = channel_center(group, stats.low, stats.high)
             shifts = [center, None] if self.cfg.search_shift else [center]
-        errors: dict[tuple[int, float | None], float] = {}
-        scales: dict[tuple[int, float | None], torch.Tensor] = {}
-        identity = 0.0
-        for position, shift in enumerate(shifts):
-            search = GroupSearch(
-                group, stats, self.quant.weight_spec(), self.quant.act_spec(), shift
-            )
-            for alpha, scale in self.candidate_scales(group, search).items():
-                errors[position, alpha] = search.error(scale)
-                scales[position, alpha] = scale
-            if shift is None:
-                identity = search.error(torch.ones(group.num_channels))
-        position, alpha = best_of(errors)
-        shift = shifts[position]
-        if shift is not None:
-            fold_shift(group, shift)
-        if alpha is not None:
-            adapter.fold_scale(group, scales[position, alpha])
-        best = errors[position, alpha]
+        choice = search_migration(
+            group,
+            stats,
+            self.quant.weight_spec(),
+            self.quant.act_spec(),
+            self.cfg.alphas,
+            shifts,
+            self.cfg.try_identity,
+        )
+        choice.fold(adapter, group)
         return {
-            "alpha": alpha,
-            "shifted": shift is not None,
-            "mse": best,
+            "alpha": choice.alpha,
+            "shifted": choice.shift is not None,
+            "mse": choice.error,
             # Search MSE relative to no transform at all (None when both are zero).
-            "mse_vs_identity": best / identity if identity > 0 else None,
+            "mse_vs_identity": choice.error_vs_identity(),
         }
-
-    def candidate_scales(
-        self, group: ScaleGroup, search: GroupSearch
-    ) -> dict[float | None, torch.Tensor]:
-        """``{alpha: scale}`` for the configured alphas, and ``{None: 1}`` if tried."""
-        act_absmax = group.reduce_columns(search.column_absmax(), "amax")
-        weight_absmax = weight_channel_absmax(group)
-        candidates: dict[float | None, torch.Tensor] = {
-            alpha: migration_scale(act_absmax, weight_absmax, alpha) for alpha in self.cfg.alphas
-        }
-        if self.cfg.try_identity:
-            candidates[None] = torch.ones(group.num_channels)
-        return candidates
 
     def summary(self, per_group: dict[str, dict[str, Any]]) -> dict[str, Any]:
         ratios = [g["mse_vs_identity"] for g in per_group.values() if g["mse_vs_identity"]]
