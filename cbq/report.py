@@ -156,7 +156,43 @@ def pivot(
     body = [
         list(key) + [format_value(values.get(c)) for c in order] for key, values in cells.items()
     ]
+    if rows and rows[0] == "method.name":
+        body.sort(key=lambda row: _method_rank(row[0]))
     return header, body
+
+
+# Rows keyed by method go in this order; other methods follow in the order they appeared.
+METHOD_ORDER: tuple[str, ...] = (
+    "fp", "rtn", "gptq", "awq", "smoothquant", "osplus", "omniquant", "cbq",
+)  # fmt: skip
+
+
+def _method_rank(name: str) -> int:
+    return METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def mark_best(body: list[list[str]], keys: int, best: str) -> list[list[str]]:
+    """``body`` with the lowest (``best="min"``) or highest (``"max"``) number of each value
+    column in bold, Markdown style; columns with fewer than two numbers are left alone."""
+    marked = [list(row) for row in body]
+    for column in range(keys, len(body[0]) if body else 0):
+        numbers = {i: _number(row[column]) for i, row in enumerate(body)}
+        numbers = {i: v for i, v in numbers.items() if v is not None}
+        if len(numbers) < 2:
+            continue
+        pick = min if best == "min" else max
+        winner = pick(numbers.values())
+        for i, value in numbers.items():
+            if value == winner:
+                marked[i][column] = f"**{body[i][column]}**"
+    return marked
+
+
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:
+        return None
 
 
 def markdown(header: list[str], body: list[list[str]]) -> str:
@@ -722,6 +758,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="keep only these runs, e.g. model.name=gemma3-270m setting=w4a16,w4a4",
     )
+    parser.add_argument(
+        "--best",
+        choices=("min", "max"),
+        help="bold the lowest / highest value of each column (Markdown tables)",
+    )
     parser.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
     parser.add_argument("--plots", type=Path, help="write PNG plots into this dir")
     args = parser.parse_args(argv)
@@ -737,7 +778,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(table_csv(table).rstrip("\n") if args.csv else table_markdown(table))
     else:
         header, body = pivot(records, args.rows, args.cols, args.metric)
-        print(csv_text(header, body) if args.csv else markdown(header, body))
+        if args.csv:
+            print(csv_text(header, body))
+        else:
+            best = mark_best(body, len(args.rows), args.best) if args.best else body
+            print(markdown(header, best))
     if args.plots is not None:
         from cbq.report_plots import write_plots  # matplotlib only when asked for
 

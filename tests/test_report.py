@@ -17,6 +17,7 @@ from cbq.report import (
     load_many,
     load_results,
     main,
+    mark_best,
     markdown,
     matching,
     pivot,
@@ -460,3 +461,30 @@ def test_setting_columns_go_fp_weight_only_then_weight_act_most_bits_first(tmp_p
     sweep.add(run("fp", "w4a16", ppl={"wiki-sample": 20.0}))
     header = pivot(load_results(tmp_path), ["method.name"], "setting", "ppl/wiki-sample")[0]
     assert header == ["method", "fp", "w4a16", "w3a16g128", "w2a16g64", "w8a8", "w4a8", "w4a4"]
+
+
+def test_method_rows_in_method_order_and_best_value_in_bold(tmp_path, capsys):
+    sweep = Sweep(tmp_path)
+    for method, quant, ppl in (
+        ("cbq", "w4a16", 28.7),
+        ("awq", "w4a16", 30.8),
+        ("newmethod", "w4a16", 35.0),
+        ("rtn", "w4a16", 39.0),
+        ("rtn", "w4a4", 1329.0),
+        ("fp", "w4a16", 21.6),
+    ):
+        sweep.add(run(method, quant, ppl={"wiki-sample": ppl}))
+    header, body = pivot(load_results(tmp_path), ["method.name"], "setting", "ppl/wiki-sample")
+    assert [row[0] for row in body] == ["fp", "rtn", "awq", "cbq", "newmethod"]
+    assert header == ["method", "fp", "w4a16", "w4a4"]
+    # fp and w4a4 have a single number each: nothing to compare, nothing marked.
+    assert mark_best(body, 1, "min") == [
+        ["fp", "21.60", "-", "-"],
+        ["rtn", "-", "39.00", "1329.00"],
+        ["awq", "-", "30.80", "-"],
+        ["cbq", "-", "**28.70**", "-"],
+        ["newmethod", "-", "35.00", "-"],
+    ]
+    assert mark_best(body, 1, "max")[1][2] == "**39.00**"
+    main([str(tmp_path), "--rows", "method.name", "--best", "min"])
+    assert "| cbq | - | **28.70** | - |" in capsys.readouterr().out.splitlines()
