@@ -142,7 +142,7 @@ def pivot(
     for record in records:
         if record.get("status") != "finished":
             continue
-        key = tuple(str(lookup(record, r)) for r in rows)
+        key = tuple(row_value(record, r) for r in rows)
         column = str(lookup(record, cols))
         columns.setdefault(column, record)
         value = metric_value(record, metric)
@@ -156,9 +156,17 @@ def pivot(
     body = [
         list(key) + [format_value(values.get(c)) for c in order] for key, values in cells.items()
     ]
-    if rows and rows[0] == "method.name":
-        body.sort(key=lambda row: _method_rank(row[0]))
+    if rows and rows[0] in ("method.name", VARIANT):
+        body.sort(key=lambda row: _method_rank(row[0].split(" ")[0]))
     return header, body
+
+
+# Row key naming the method and, for CBQ, its non-default components (variant_label).
+VARIANT = "variant"
+
+
+def row_value(record: Record, key: str) -> str:
+    return variant_label(record) if key == VARIANT else str(lookup(record, key))
 
 
 # Rows keyed by method go in this order; other methods follow in the order they appeared.
@@ -347,6 +355,10 @@ def rounding_label(record: Record) -> str:
     )
 
 
+def loss_label(record: Record) -> str:
+    return str(lookup(record, "loss.kind")) + (" +hom" if lookup(record, "loss.homologous") else "")
+
+
 def cfp_label(record: Record) -> str:
     """The CFP mode, and the split's variant where it is not the paper's."""
     label, distance = str(lookup(record, "cfp.mode")), lookup(record, "cfp.distance")
@@ -389,6 +401,28 @@ def component(record: Record, name: str) -> tuple[Any, ...]:
         default if value is None else value
         for value, default in zip(values, default_component(name), strict=True)
     )
+
+
+COMPONENT_LABELS: dict[str, Callable[[Record], str]] = {
+    "window": window_label,
+    "loss": loss_label,
+    "cfp": cfp_label,
+    "rounding": rounding_label,
+}
+
+
+def variant_label(record: Record) -> str:
+    """The method, and for CBQ the components that differ from the paper's defaults:
+    ``cbq``, ``cbq (cfp: weight_act (migrate))``. The ``--rows variant`` key."""
+    name = str(method_name(record))
+    if not is_cbq(record):
+        return name
+    changed = [
+        f"{part}: {COMPONENT_LABELS[part](record)}"
+        for part in COMPONENTS
+        if component(record, part) != default_component(part)
+    ]
+    return f"{name} ({'; '.join(changed)})" if changed else name
 
 
 def references(records: Sequence[Record], table: int | None) -> dict[str, tuple[Any, ...]]:
@@ -749,7 +783,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="ppl/wiki-sample",
         help="a metrics key, or a dotted path such as timing_s.quantize or memory.peak_rss_mib",
     )
-    parser.add_argument("--rows", nargs="+", default=["model.name"])
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=["model.name"],
+        help="dotted config paths, or 'variant': the method and CBQ's non-default components",
+    )
     parser.add_argument("--cols", default="setting", help="fp, or the quant preset")
     parser.add_argument(
         "--where",

@@ -23,6 +23,7 @@ from cbq.report import (
     cfp_label,
     is_cbq,
     lookup,
+    loss_label,
     method_name,
     ppl,
     ppl_corpora,
@@ -36,10 +37,7 @@ FP_STYLE = {"color": "0.4", "linestyle": "--", "linewidth": 1.2}
 RUN_FIELDS: tuple[tuple[str, Any], ...] = (
     ("quant", lambda r: lookup(r, "quant.name")),
     ("window", window_label),
-    (
-        "loss",
-        lambda r: str(lookup(r, "loss.kind")) + (" +hom" if lookup(r, "loss.homologous") else ""),
-    ),
+    ("loss", loss_label),
     ("rounding", rounding_label),
     ("cfp", cfp_label),
     ("samples", lambda r: lookup(r, "data.n_samples")),

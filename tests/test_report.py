@@ -488,3 +488,23 @@ def test_method_rows_in_method_order_and_best_value_in_bold(tmp_path, capsys):
     assert mark_best(body, 1, "max")[1][2] == "**39.00**"
     main([str(tmp_path), "--rows", "method.name", "--best", "min"])
     assert "| cbq | - | **28.70** | - |" in capsys.readouterr().out.splitlines()
+
+
+def test_variant_rows_name_cbq_components_that_differ_from_the_paper(tmp_path, capsys):
+    sweep = Sweep(tmp_path)
+    sweep.add(run("cbq", "w4a4", ppl={"wiki-sample": 680.0}))
+    migrated = run("cbq", "w4a4", ppl={"wiki-sample": 84.9})
+    migrated["config"]["cfp"]["act_rule"] = "migrate"
+    sweep.add(migrated)
+    sweep.add(run("cbq", "w4a4", window=(1, 0), loss=("l2", False), ppl={"wiki-sample": 700.0}))
+    sweep.add(run("osplus", "w4a4", cfp="none", ppl={"wiki-sample": 169.4}))
+    header, body = pivot(load_results(tmp_path), ["variant"], "setting", "ppl/wiki-sample")
+    assert header == ["variant", "w4a4"]
+    assert body == [
+        ["osplus", "169.40"],
+        ["cbq", "680.00"],
+        ["cbq (cfp: weight_act (migrate))", "84.90"],
+        ["cbq (window: K=1; loss: l2)", "700.00"],
+    ]
+    main([str(tmp_path), "--rows", "variant", "--best", "min"])
+    assert "| cbq (cfp: weight_act (migrate)) | **84.90** |" in capsys.readouterr().out
