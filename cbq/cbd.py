@@ -478,7 +478,8 @@ class CBDTrainer:
         self.prepared, self.committed = set(state["prepared"]), set(state["committed"])
         self.store.put("x_q", state["x_q"])
         self.store.put("x_fp", state["x_fp"])
-        self.stats = state["stats"]
+        # The quantize time of a resumed run covers only the windows after this one.
+        self.stats = state["stats"] | {"resumed_at_window": state["next_window"]}
         log.info("resumed CBQ from %s at window %d", self.checkpoint_path, state["next_window"])
         return state["next_window"]
 

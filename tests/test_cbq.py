@@ -211,7 +211,7 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path):
         trainer.run(calib)
     resumed = deep_llama()  # a fresh process would reload the FP model
     stats = make_trainer(tmp_path / "b", resumed, quant=W4A8).run(calib)
-    assert len(stats["windows"]) == 3
+    assert len(stats["windows"]) == 3 and stats["resumed_at_window"] == 2
 
     expected, actual = uninterrupted.state_dict(), resumed.state_dict()
     assert expected.keys() == actual.keys()
