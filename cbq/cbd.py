@@ -355,6 +355,7 @@ class CBDTrainer:
                 self.s.loss.kind.value,
                 self.s.loss.l2_weight,
                 self.s.loss.kl_weight,
+                self.s.loss.l2_relative,
             )
             for name in targets
         ) / len(targets)

@@ -169,6 +169,9 @@ class LossConfig:
     homologous: bool = True
     l2_weight: float = 1.0
     kl_weight: float = 1.0
+    # Divide the L2 term by the target's mean square, so that every window's loss is on the
+    # same scale whatever the magnitude of the residual stream (not in the paper).
+    l2_relative: bool = False
 
 
 class CFPMode(str, Enum):

@@ -3,7 +3,9 @@
 ``D(a, b) = w_l2 * mean((a - b)^2) + w_kl * KL(softmax(b) || softmax(a))``, where ``a`` is the
 quantized output, ``b`` the FP target, the softmax runs over the hidden dimension of each
 token and the KL is averaged over tokens. The L2 term is a mean over elements (as in
-OmniQuant's block MSE), so its weight does not depend on the hidden size.
+OmniQuant's block MSE), so its weight does not depend on the hidden size. With
+``l2_relative`` it is divided by ``mean(b^2)``, which makes it independent of the target's
+scale as well.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ class LossKind(str, Enum):
     l2_kl = "l2_kl"
 
 
-def l2_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return functional.mse_loss(output.float(), target.float())
+def l2_distance(output: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
+    error = functional.mse_loss(output.float(), target.float())
+    return error / target.float().square().mean().clamp_min(1e-12) if relative else error
 
 
 def kl_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -40,11 +43,12 @@ def reconstruction_distance(
     kind: LossKind,
     l2_weight: float = 1.0,
     kl_weight: float = 1.0,
+    l2_relative: bool = False,
 ) -> torch.Tensor:
     kind = LossKind(kind)
     total = output.new_zeros((), dtype=torch.float32)
     if kind in (LossKind.l2, LossKind.l2_kl):
-        total = total + l2_weight * l2_distance(output, target)
+        total = total + l2_weight * l2_distance(output, target, l2_relative)
     if kind in (LossKind.kl, LossKind.l2_kl):
         total = total + kl_weight * kl_distance(output, target)
     return total

@@ -356,7 +356,9 @@ def rounding_label(record: Record) -> str:
 
 
 def loss_label(record: Record) -> str:
-    return str(lookup(record, "loss.kind")) + (" +hom" if lookup(record, "loss.homologous") else "")
+    label = str(lookup(record, "loss.kind"))
+    label += " +hom" if lookup(record, "loss.homologous") else ""
+    return label + (" (relative l2)" if lookup(record, "loss.l2_relative") else "")
 
 
 def cfp_label(record: Record) -> str:
@@ -373,7 +375,7 @@ def cfp_label(record: Record) -> str:
 # The fields that tell two settings of a component apart (not its hyper-parameters).
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "window": ("size", "overlap"),
-    "loss": ("kind", "homologous"),
+    "loss": ("kind", "homologous", "l2_relative"),
     "cfp": ("mode", "distance", "log_space", "act_rule"),
     "rounding": ("kind", "rank"),
 }

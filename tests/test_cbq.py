@@ -70,6 +70,15 @@ def test_losses_hand_values():
     assert both.item() == pytest.approx(2 * 0.5 + 3 * expected_kl, rel=1e-6)
 
 
+def test_relative_l2_is_mse_over_target_mean_square_and_scale_free():
+    a, b = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 3.0]])
+    # mse = (1 + 4) / 2 = 2.5; mean(b^2) = (1 + 9) / 2 = 5
+    assert l2_distance(a, b, relative=True).item() == pytest.approx(0.5)
+    assert l2_distance(1000 * a, 1000 * b, relative=True).item() == pytest.approx(0.5)
+    only_l2 = reconstruction_distance(a, b, "l2", l2_relative=True)
+    assert only_l2.item() == pytest.approx(0.5)
+
+
 def _quantizer(weight: torch.Tensor) -> WeightQuantizer:
     spec = QuantSpec(bits=3, granularity=Granularity.per_group, group_size=16)
     return WeightQuantizer(spec, weight)

@@ -497,6 +497,9 @@ def test_variant_rows_name_cbq_components_that_differ_from_the_paper(tmp_path, c
     migrated["config"]["cfp"]["act_rule"] = "migrate"
     sweep.add(migrated)
     sweep.add(run("cbq", "w4a4", window=(1, 0), loss=("l2", False), ppl={"wiki-sample": 700.0}))
+    relative = run("cbq", "w4a4", ppl={"wiki-sample": 650.0})
+    relative["config"]["loss"]["l2_relative"] = True
+    sweep.add(relative)
     sweep.add(run("osplus", "w4a4", cfp="none", ppl={"wiki-sample": 169.4}))
     header, body = pivot(load_results(tmp_path), ["variant"], "setting", "ppl/wiki-sample")
     assert header == ["variant", "w4a4"]
@@ -505,6 +508,7 @@ def test_variant_rows_name_cbq_components_that_differ_from_the_paper(tmp_path, c
         ["cbq", "680.00"],
         ["cbq (cfp: weight_act (migrate))", "84.90"],
         ["cbq (window: K=1; loss: l2)", "700.00"],
+        ["cbq (loss: l2_kl +hom (relative l2))", "650.00"],
     ]
     main([str(tmp_path), "--rows", "variant", "--best", "min"])
     assert "| cbq (cfp: weight_act (migrate)) | **84.90** |" in capsys.readouterr().out
