@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_INSTALL ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format bench clean
+.PHONY: setup run test test-fast lint format bench archive-results clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ format: setup
 bench: setup
 	$(PY) -m benchmarks.fakequant_overhead
 	$(PY) -m benchmarks.ppl_table
+
+# Commit the records behind the README tables: finished runs' results.json, nothing else.
+archive-results: setup
+	$(PY) -m cbq.results archive multirun/* --to experiments/results/runs
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cbq.config import CFPConfig, LossConfig, RoundingConfig, WindowConfig
-from cbq.results import RESULTS_FILE
+from cbq.results import RESULTS_FILE, written_at
 
 MISSING = "-"
 FAILED = "failed"
@@ -50,13 +50,13 @@ Column = tuple[str, str]
 
 def load_results(root: Path) -> list[Record]:
     """Every results.json under ``root`` (a run dir or a sweep dir), oldest first."""
-    paths = sorted(root.rglob(RESULTS_FILE), key=lambda p: p.stat().st_mtime)
     records = []
-    for path in paths:
+    for path in root.rglob(RESULTS_FILE):
         record = json.loads(path.read_text())
         record["_path"] = str(path.parent)
+        record["_written_at"] = written_at(path, record)
         records.append(record)
-    return records
+    return sorted(records, key=lambda record: record["_written_at"])
 
 
 def load_many(roots: Iterable[Path]) -> list[Record]:
@@ -66,7 +66,7 @@ def load_many(roots: Iterable[Path]) -> list[Record]:
     for root in roots:
         for record in load_results(root):
             path = Path(record["_path"]).resolve()
-            seen[str(path)] = ((path / RESULTS_FILE).stat().st_mtime, record)
+            seen[str(path)] = (record["_written_at"], record)
     return [record for _, record in sorted(seen.values(), key=lambda item: item[0])]
 
 

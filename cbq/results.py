@@ -2,14 +2,21 @@
 
 The file is written atomically (temporary file + rename), so a reader never sees half a
 record, and rewritten after every phase, so an interrupted run still leaves what it did.
+Each save stamps ``written_at`` (UTC), which orders runs when a later run of the same cell
+replaces an earlier one, also in copies whose file times were lost (a git clone).
+
+``python -m cbq.results archive <sweep dirs> --to DIR`` copies the finished runs' records,
+and nothing else, into ``DIR/<sweep name>/...``, for committing next to the README tables.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +24,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,6 +34,16 @@ import torch
 
 RESULTS_FILE = "results.json"
 TRACKED_PACKAGES = ("cbq", "torch", "transformers", "lm-eval", "hydra-core", "datasets", "wandb")
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def written_at(path: Path, record: dict[str, Any]) -> float:
+    """When the record was last written: its ``written_at`` stamp, else the file's mtime."""
+    stamp = record.get("written_at")
+    return datetime.fromisoformat(stamp).timestamp() if stamp else path.stat().st_mtime
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -103,6 +121,7 @@ def write_skipped(run_dir: Path, config: dict[str, Any], reason: str) -> Path:
     payload = {
         "status": "skipped",
         "reason": reason,
+        "written_at": utc_now(),
         "metrics": {},
         "versions": package_versions(),
         "git": git_state(),
@@ -179,4 +198,40 @@ class RunRecord:
             memory["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
     def save(self) -> None:
+        self.payload["written_at"] = utc_now()
         write_json_atomic(self.path, self.payload)
+
+
+def archive(sweeps: list[Path], destination: Path) -> list[Path]:
+    """Copy each finished run's results.json under ``sweeps`` to ``destination/<sweep
+    name>/<its path in the sweep>``. A record without a ``written_at`` stamp (older runs)
+    gets one from its file's mtime, so the copies keep their order."""
+    copied = []
+    for sweep in sweeps:
+        for source in sorted(sweep.rglob(RESULTS_FILE)):
+            record = json.loads(source.read_text())
+            if record.get("status") != "finished":
+                continue
+            if "written_at" not in record:
+                mtime = datetime.fromtimestamp(source.stat().st_mtime, UTC)
+                record["written_at"] = mtime.isoformat(timespec="seconds")
+            target = destination / sweep.name / source.relative_to(sweep)
+            write_json_atomic(target, record)
+            shutil.copystat(source, target)
+            copied.append(target)
+    return copied
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cbq.results", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    archive_parser = commands.add_parser("archive", help="copy finished runs' results.json")
+    archive_parser.add_argument("sweeps", nargs="+", type=Path)
+    archive_parser.add_argument("--to", type=Path, required=True, dest="destination")
+    args = parser.parse_args(argv)
+    copied = archive(args.sweeps, args.destination)
+    print(f"archived {len(copied)} finished runs into {args.destination}")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ from cbq.report import (
     table_markdown,
 )
 from cbq.report_plots import run_labels, window_loss_figures, write_plots
-from cbq.results import write_json_atomic
+from cbq.results import archive, write_json_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -422,6 +422,40 @@ def test_pivot_keeps_a_cell_that_a_later_run_without_the_metric_does_not_have(tm
     records = load_results(tmp_path)
     for metric, value in (("ppl/wiki-sample", "1329.00"), ("ppl/lee-news", "2147.00")):
         assert pivot(records, ["method.name"], "setting", metric)[1] == [["rtn", value]]
+
+
+def _reset_file_times(root: Path) -> None:
+    """What a git clone does: every file gets the same modification time."""
+    for path in root.rglob("results.json"):
+        os.utime(path, (1_000.0, 1_000.0))
+
+
+def test_written_at_orders_runs_when_file_times_are_lost(tmp_path):
+    sweep = Sweep(tmp_path / "sweep")
+    sweep.add(
+        run("rtn", "w4a4", ppl={"wiki-sample": 2000.0}, written_at="2026-01-02T00:00:00+00:00")
+    )
+    sweep.add(
+        run("rtn", "w4a4", ppl={"wiki-sample": 1000.0}, written_at="2026-01-01T00:00:00+00:00")
+    )
+    _reset_file_times(tmp_path)
+    body = pivot(load_results(tmp_path), ["method.name"], "setting", "ppl/wiki-sample")[1]
+    assert body == [["rtn", "2000.00"]]  # the later stamp wins, though it was written first
+
+
+def test_archive_copies_finished_runs_and_keeps_their_order_in_a_clone(tmp_path):
+    sweep = Sweep(tmp_path / "multirun" / "bench")
+    sweep.add(run("rtn", "w4a4", ppl={"wiki-sample": 1329.0}))  # older run, no stamp
+    sweep.add(run("rtn", "w4a4", ppl={"wiki-sample": 1200.0}))
+    sweep.add(run("gptq", "w4a4", ppl={"wiki-sample": 999.0}, status="running"))
+    copied = archive([tmp_path / "multirun" / "bench"], tmp_path / "runs")
+    assert sorted(str(p.relative_to(tmp_path / "runs")) for p in copied) == [
+        "bench/0/results.json",
+        "bench/1/results.json",
+    ]
+    _reset_file_times(tmp_path / "runs")
+    body = pivot(load_results(tmp_path / "runs"), ["method.name"], "setting", "ppl/wiki-sample")
+    assert body[1] == [["rtn", "1200.00"]]
 
 
 def test_pivot_reads_time_and_memory_by_dotted_path(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,8 @@ def test_results_file_records_provenance(tiny_run):
     assert record["versions"]["torch"] and record["versions"]["transformers"]
     assert record["versions"]["cbq"] == "0.1.0"
     assert record["git"]["sha"] is None or len(record["git"]["sha"]) == 40
+    written = datetime.fromisoformat(record["written_at"])
+    assert abs((datetime.now(UTC) - written).total_seconds()) < 600
     assert 10 < record["memory"]["peak_rss_mib"] <= record["memory"]["process_peak_rss_mib"] + 1
     assert record["config"]["quant"]["name"] == "w4a16"
     assert record["calibration"]["corpus"] is None  # weight-only RTN draws no calibration data
