@@ -9,7 +9,7 @@ once, each with the field name and the allowed values.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +23,19 @@ ACT_GRANULARITIES = (Granularity.per_tensor, Granularity.per_token)
 ALLOWED_BITS = "2..8, or 16 for full precision"
 
 
-class Device(str, Enum):
+class Device(StrEnum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
 
 
-class DType(str, Enum):
+class DType(StrEnum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
 
 
-class LoggerMode(str, Enum):
+class LoggerMode(StrEnum):
     offline = "offline"
     online = "online"
     disabled = "disabled"
@@ -93,7 +93,7 @@ class DataConfig:
     max_eval_windows: int | None = None
 
 
-class OnMissing(str, Enum):
+class OnMissing(StrEnum):
     fail = "fail"
     skip = "skip"
 
@@ -156,7 +156,7 @@ class WindowConfig:
     overlap: int = 1
 
 
-class LossKindChoice(str, Enum):
+class LossKindChoice(StrEnum):
     l2 = "l2"
     kl = "kl"
     l2_kl = "l2_kl"
@@ -174,23 +174,23 @@ class LossConfig:
     l2_relative: bool = False
 
 
-class CFPMode(str, Enum):
+class CFPMode(StrEnum):
     none = "none"
     weight = "weight"
     weight_act = "weight_act"
 
 
-class ActRule(str, Enum):
+class ActRule(StrEnum):
     outliers = "outliers"
     migrate = "migrate"
 
 
-class SplitDistance(str, Enum):
+class SplitDistance(StrEnum):
     mean = "mean"
     gap = "gap"
 
 
-class ClipTo(str, Enum):
+class ClipTo(StrEnum):
     threshold = "threshold"
     reserved = "reserved"
 
@@ -217,7 +217,7 @@ class CFPConfig:
     search_tokens: int = 4096
 
 
-class RoundingKind(str, Enum):
+class RoundingKind(StrEnum):
     nearest = "nearest"
     adaround = "adaround"
     lora = "lora"
@@ -235,7 +235,7 @@ class RoundingConfig:
     reg_warmup: float = 0.2
 
 
-class ExportFormat(str, Enum):
+class ExportFormat(StrEnum):
     none = "none"
     dequantized = "dequantized"
     packed = "packed"

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch.nn import functional
 
 
-class LossKind(str, Enum):
+class LossKind(StrEnum):
     l2 = "l2"
     kl = "kl"
     l2_kl = "l2_kl"

@@ -795,9 +795,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--where",
         nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="keep only these runs, e.g. model.name=gemma3-270m setting=w4a16,w4a4",
+        help="keep only these runs, e.g. model.name=gemma3-270m setting=w4a16,w4a4; "
+        "repeating --where adds conditions",
     )
     parser.add_argument(
         "--best",

@@ -482,6 +482,18 @@ def test_where_keeps_only_matching_runs_and_rejects_a_malformed_condition(tmp_pa
     assert [(r["config"]["method"]["name"], setting(r)) for r in kept] == [("cbq", "w4a16")]
     main([str(tmp_path), "--rows", "method.name", "--where", "setting=w8a8"])
     assert capsys.readouterr().out.splitlines()[2] == "| cbq | 25.00 |"
+    main(
+        [
+            str(tmp_path),
+            "--rows",
+            "method.name",
+            "--where",
+            "method.name=rtn",
+            "--where",
+            "setting=w4a16,w8a8",
+        ]
+    )
+    assert capsys.readouterr().out.splitlines()[2:] == ["| rtn | 40.00 |"]
     with pytest.raises(SystemExit, match=r"no results\.json matching model\.name=opt"):
         main([str(tmp_path), "--where", "model.name=opt"])
     with pytest.raises(ValueError, match="KEY=VALUE"):

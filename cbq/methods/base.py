@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,7 +35,7 @@ class RunContext:
 CBQ_COMPONENTS = ("window", "loss", "cfp", "rounding")
 
 
-class Activations(str, Enum):
+class Activations(StrEnum):
     """Which quantization settings a method is designed for (a sweep skips the others)."""
 
     any = "any"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 FULL_PRECISION_BITS = 16
 
 
-class Granularity(str, Enum):
+class Granularity(StrEnum):
     per_tensor = "per_tensor"
     per_channel = "per_channel"
     per_group = "per_group"
