@@ -25,8 +25,9 @@ class LossKind(StrEnum):
 
 
 def l2_distance(output: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
-    error = functional.mse_loss(output.float(), target.float())
-    return error / target.float().square().mean().clamp_min(1e-12) if relative else error
+    target = target.float()
+    error = functional.mse_loss(output.float(), target)
+    return error / target.square().mean().clamp_min(1e-12) if relative else error
 
 
 def kl_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

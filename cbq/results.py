@@ -36,8 +36,10 @@ RESULTS_FILE = "results.json"
 TRACKED_PACKAGES = ("cbq", "torch", "transformers", "lm-eval", "hydra-core", "datasets", "wandb")
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def utc_stamp(timestamp: float | None = None) -> str:
+    """``timestamp`` (seconds since the epoch; default: now) as an ISO 8601 UTC string."""
+    moment = datetime.now(UTC) if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="seconds")
 
 
 def written_at(path: Path, record: dict[str, Any]) -> float:
@@ -121,7 +123,7 @@ def write_skipped(run_dir: Path, config: dict[str, Any], reason: str) -> Path:
     payload = {
         "status": "skipped",
         "reason": reason,
-        "written_at": utc_now(),
+        "written_at": utc_stamp(),
         "metrics": {},
         "versions": package_versions(),
         "git": git_state(),
@@ -198,7 +200,7 @@ class RunRecord:
             memory["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
     def save(self) -> None:
-        self.payload["written_at"] = utc_now()
+        self.payload["written_at"] = utc_stamp()
         write_json_atomic(self.path, self.payload)
 
 
@@ -212,9 +214,7 @@ def archive(sweeps: list[Path], destination: Path) -> list[Path]:
             record = json.loads(source.read_text())
             if record.get("status") != "finished":
                 continue
-            if "written_at" not in record:
-                mtime = datetime.fromtimestamp(source.stat().st_mtime, UTC)
-                record["written_at"] = mtime.isoformat(timespec="seconds")
+            record.setdefault("written_at", utc_stamp(source.stat().st_mtime))
             target = destination / sweep.name / source.relative_to(sweep)
             write_json_atomic(target, record)
             shutil.copystat(source, target)
