@@ -8,11 +8,16 @@ blocks, and ``x_fp``, the FP model's hidden states at the same depth. For a wind
    wrapping, static activation ranges, rounding variables);
 2. targets: normal ``Y = F_fp(x_fp)`` and homologous ``Y_h = F_fp(x_q)``, both through the FP
    copies (weight truncation changes only the blocks being quantized);
-3. step sizes and rounding variables of the window's blocks are learned so that
-   ``F_q(x_q)`` matches the targets;
+3. step sizes (or clipping ranges) and rounding variables of the window's blocks are learned
+   so that ``F_q(x_q)`` matches the targets: a set number of optimizer steps (``iters``, or
+   ``epochs`` over the calibration set), a learning-rate schedule, and the best iterate kept;
 4. the blocks that leave the window (``[start, start + stride)``) are committed: rounding
    hardened, weights materialized, parameters frozen; both streams advance through the
    committed blocks only, so no block runs twice per advance.
+
+Every window records what it did (``stats["windows"]``): optimizer steps, the window loss
+before training (RTN at the initial ranges), at the end and after hardening, the fraction of
+weights whose learned rounding differs from round-to-nearest, the weights CFP truncated.
 
 After every window a checkpoint (streams + block states) is written atomically; a run
 restarted in the same directory resumes after the last finished window and ends with the
@@ -28,6 +33,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -46,12 +52,15 @@ from cbq.config import (
     QuantConfig,
     RoundingConfig,
     RoundingKind,
+    WeightScope,
     WindowConfig,
 )
 from cbq.losses import check_finite, reconstruction_distance
 from cbq.models.adapter import ModelAdapter
+from cbq.optim import LRSchedule, OptimizerKind, build_optimizer, build_scheduler
 from cbq.quant import QuantLinear, observing_activations, quant_linears, wrap_block
-from cbq.quant.rounding import AdaRound, LoRARounding, SoftRounding
+from cbq.quant.quantizer import Granularity, RangeLearning
+from cbq.quant.rounding import AdaRound, LearnedRounding, LoRARounding
 
 log = logging.getLogger(__name__)
 MIN_STEP = 1e-8
@@ -77,12 +86,23 @@ class TrainerKnobs:
     """The trainer's own knobs; ``method=cbq`` exposes them as fields of its CBQConfig."""
 
     epochs: int = 3
+    # Optimizer steps per window; null means epochs x ceil(n_samples / batch_size).
+    iters: int | None = None
     # Calibration sequences per optimisation step.
     batch_size: int = 1
-    # Step-size learning rates are relative to each step size's magnitude (see _relative_group).
+    # How weight ranges are learned, per row and group (cbq.quant.quantizer.RangeLearning):
+    # step (LSQ on log s), clip (min/max clipping factors) or none.
+    weight_range: RangeLearning = RangeLearning.step
+    # Learning rates. lr_weight_scale is relative to each row's or group's own step (or a
+    # clipping factor's unit); lr_act_scale relative to the activation step (_relative_group).
     lr_weight_scale: float = 1e-2
     lr_act_scale: float = 1e-2
-    lr_rounding: float = 1e-3
+    lr_rounding: float = 1e-2
+    optimizer: OptimizerKind = OptimizerKind.adam
+    lr_schedule: LRSchedule = LRSchedule.linear
+    # Keep the window's best iterate (lowest window loss over the calibration set): the
+    # lowest-loss step's variables replace the last ones when they score better.
+    keep_best: bool = True
     bf16: bool = False
     # Where cached activations live: cpu, device or disk (memory-mapped).
     cache: str = "cpu"
@@ -193,17 +213,25 @@ class CBDTrainer:
     # --- one window ----------------------------------------------------------------------
     def _window(self, number: int, total: int, start: int, end: int) -> None:
         x_fp = self.store.get("x_fp")
+        entering = []
         for index in range(start, end):
             self._to_device(index)
             if index not in self.prepared:
                 self._prepare(index, x_fp)
+                entering.append(index)
             x_fp = self._run(self.fp_blocks[index], index, x_fp)
         self.store.put("y", x_fp)
         if self.s.loss.homologous:
             self.store.put("y_h", self._run_range(start, end, self.store.get("x_q"), fp=True))
-        final_loss = self._train(number, total, start, end)
-        self.stats["windows"].append({"blocks": [start, end], "final_loss": final_loss})
-        self.log_metrics({"cbq/window": number, "cbq/window_loss": final_loss})
+        record = self._train(number, total, start, end)
+        record["truncated_weights"] = sum(
+            sum(self.stats["cfp"][i].get("weight", {}).values()) for i in entering
+        )
+        self.stats["windows"].append(record)
+        self.log_metrics(
+            {"cbq/window": number}
+            | {f"cbq/{k}": v for k, v in record.items() if isinstance(v, int | float)}
+        )
 
     def _prepare(self, index: int, x_fp: torch.Tensor) -> None:
         """CFP, the FP target copy, wrapping, activation ranges and rounding for one block."""
@@ -214,7 +242,12 @@ class CBDTrainer:
         self.fp_blocks[index] = copy.deepcopy(block).requires_grad_(False)
         if self.s.cfp.mode in (CFPMode.weight, CFPMode.weight_act):
             stats["weight"] = cfp.truncate_block_weights(
-                self.adapter, block, self.s.cfp.lambda1, self.s.cfp.lambda2, **self._split_rule()
+                self.adapter,
+                block,
+                self.s.cfp.lambda1,
+                self.s.cfp.lambda2,
+                group_size=self._truncation_group_size(),
+                **self._split_rule(),
             )
         self.stats["cfp"][index] = stats
         wrapped = wrap_block(
@@ -253,6 +286,15 @@ class CBDTrainer:
             **self._split_rule(),
         )
 
+    def _truncation_group_size(self) -> int | None:
+        """cfp.weight_scope=group: the weight grid's group size (0: whole rows); else None."""
+        spec = self.quant.weight_spec()
+        if self.s.cfp.weight_scope is WeightScope.tensor or not spec.enabled:
+            return None
+        if spec.granularity is Granularity.per_group:
+            return spec.group_size
+        return 0 if spec.granularity is Granularity.per_channel else None
+
     def _split_rule(self) -> dict[str, Any]:
         return {
             "distance": self.s.cfp.distance.value,
@@ -261,127 +303,227 @@ class CBDTrainer:
         }
 
     def _attach_rounding(self, index: int, qlinears: Iterator[QuantLinear] | Any) -> None:
+        """Learned rounding and learned weight ranges for the linears of block ``index``."""
         generator = torch.Generator().manual_seed(self.s.seed * 1000 + index)
+        form = self.s.rounding.form
         for qlinear in qlinears:
             weight = qlinear.linear.weight.detach()
             if self.s.rounding.kind == RoundingKind.adaround:
-                qlinear.rounding = AdaRound(weight)
+                qlinear.rounding = AdaRound(weight, form)
             elif self.s.rounding.kind == RoundingKind.lora:
-                qlinear.rounding = LoRARounding(weight, self.s.rounding.rank, generator)
+                qlinear.rounding = LoRARounding(weight, self.s.rounding.rank, generator, form)
+            if qlinear.weight_quantizer.spec.enabled:
+                qlinear.weight_quantizer.learn_range(self.s.knobs.weight_range, weight)
             qlinear.linear.requires_grad_(False)
 
     # --- training ------------------------------------------------------------------------
+    def _qlinears(self, start: int, end: int) -> list[QuantLinear]:
+        blocks = self.adapter.blocks()
+        return [q for i in range(start, end) for _, q in quant_linears(blocks[i])]
+
     def _parameter_groups(self, start: int, end: int) -> list[dict[str, Any]]:
-        groups = []
-        for index in range(start, end):
-            for _, qlinear in quant_linears(self.adapter.blocks()[index]):
-                weight_scale = qlinear.weight_quantizer.scale
-                if qlinear.weight_quantizer.spec.enabled and not qlinear.weight_materialized:
-                    groups.append(_relative_group(weight_scale, self.s.knobs.lr_weight_scale))
-                act = qlinear.act_quantizer
-                if act.needs_calibration:
-                    groups.append(_relative_group(act.scale, self.s.knobs.lr_act_scale))
-                if qlinear.rounding is not None:
-                    params = [p for p in qlinear.rounding.parameters()]
-                    for p in params:
-                        p.requires_grad_(True)
-                    groups.append({"params": params, "lr": self.s.knobs.lr_rounding})
+        knobs, groups = self.s.knobs, []
+        for qlinear in self._qlinears(start, end):
+            ranges = qlinear.weight_quantizer.range_parameters()
+            if ranges and not qlinear.weight_materialized:
+                groups.append({"params": ranges, "lr": knobs.lr_weight_scale})
+            act = qlinear.act_quantizer
+            if act.needs_calibration:
+                groups.append(_relative_group(act.scale, knobs.lr_act_scale))
+            if qlinear.rounding is not None:
+                params = list(qlinear.rounding.parameters())
+                for p in params:
+                    p.requires_grad_(True)
+                groups.append({"params": params, "lr": knobs.lr_rounding})
+        for group in groups:
+            for p in group["params"]:
+                p.requires_grad_(True)
         return groups
 
-    def _roundings(self, start: int, end: int) -> list[SoftRounding]:
+    def _roundings(self, start: int, end: int) -> list[LearnedRounding]:
         return [
             q.rounding
-            for i in range(start, end)
-            for _, q in quant_linears(self.adapter.blocks()[i])
-            if isinstance(q.rounding, SoftRounding)
+            for q in self._qlinears(start, end)
+            if isinstance(q.rounding, LearnedRounding)
         ]
 
-    def _train(self, number: int, total: int, start: int, end: int) -> float:
+    def steps_per_window(self, n_samples: int) -> int:
+        knobs = self.s.knobs
+        if knobs.iters is not None:
+            return knobs.iters
+        return knobs.epochs * math.ceil(n_samples / knobs.batch_size)
+
+    def _batches(self, n: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+        """``steps`` batches of sample indices: shuffled passes over the calibration set."""
+        generator = torch.Generator().manual_seed(seed)
+        produced = 0
+        while produced < steps:
+            for index in torch.randperm(n, generator=generator).split(self.s.knobs.batch_size):
+                if produced == steps:
+                    return
+                produced += 1
+                yield index
+
+    def _train(self, number: int, total: int, start: int, end: int) -> dict[str, Any]:
+        """Learn the window's variables; returns the window's record (see the module doc)."""
         groups = self._parameter_groups(start, end)
-        if not groups or self.s.knobs.epochs == 0:
-            return float("nan")
-        optimizer = torch.optim.Adam(groups)
         roundings = self._roundings(start, end)
         n = self.store.get("x_q").shape[0]
-        steps_per_epoch = math.ceil(n / self.s.knobs.batch_size)
-        total_steps = steps_per_epoch * self.s.knobs.epochs
-        generator = torch.Generator().manual_seed(self.s.seed * 1000 + number)
+        steps = self.steps_per_window(n) if groups else 0
+        record: dict[str, Any] = {"blocks": [start, end], "steps": steps}
+        with _hardened(roundings):  # RTN at the initial ranges, whatever the rounding's form
+            initial = self._sample_distances(start, end)
+        record["loss_init"] = initial.mean().item()
+        if steps == 0:
+            record["final_loss"] = record["loss_hard"] = record["loss_init"]
+            return record
+        optimizer = build_optimizer(self.s.knobs.optimizer, groups)
+        scheduler = build_scheduler(optimizer, self.s.knobs.lr_schedule, steps)
+        params = [p for group in groups for p in group["params"]]
+        tracks_best = self.s.knobs.keep_best and all(r.hard for r in roundings)
+        best = _BestIterate(params) if tracks_best else None
         bar = tqdm(
-            total=total_steps,
+            total=steps,
             desc=f"window {number + 1}/{total} blocks {start}-{end - 1}",
             unit="step",
             leave=False,
         )
-        step, loss_value = 0, float("nan")
-        for epoch in range(self.s.knobs.epochs):
-            epoch_losses = []
-            for index in torch.randperm(n, generator=generator).split(self.s.knobs.batch_size):
-                loss = self._loss(start, end, index, roundings, step / total_steps)
-                loss_value = loss.item()
-                check_finite(
-                    loss_value,
-                    f"CBQ window {number} (blocks {start}-{end - 1}), epoch {epoch}, step {step}",
-                    "Lower the learning rates (method.lr_*), use fp32 (method.bf16=false) or "
-                    "check the calibration data.",
-                    bar.close,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                self._keep_steps_positive(groups)
-                epoch_losses.append(loss_value)
-                step += 1
-                bar.update()
-                bar.set_postfix(epoch=epoch, loss=f"{loss_value:.4g}")
-            self.log_metrics({"cbq/epoch_loss": sum(epoch_losses) / len(epoch_losses)})
+        losses: list[float] = []
+        for step, index in enumerate(self._batches(n, steps, self.s.seed * 1000 + number)):
+            loss, distance = self._loss(start, end, index, roundings, step / steps)
+            value = loss.item()
+            check_finite(
+                value,
+                f"CBQ window {number} (blocks {start}-{end - 1}), step {step}",
+                "Lower the learning rates (method.lr_*), use fp32 (method.bf16=false) or "
+                "check the calibration data.",
+                bar.close,
+            )
+            if best is not None:  # scored against the same samples' initial distance
+                best.offer(distance / initial[index].mean().clamp_min(1e-30).item(), step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            self._project(groups, start, end)
+            losses.append(value)
+            bar.update()
+            bar.set_postfix(loss=f"{value:.4g}")
         bar.close()
-        return sum(epoch_losses) / len(epoch_losses)
+        tail = losses[-max(1, len(losses) // 10) :]
+        record["train_loss_tail"] = sum(tail) / len(tail)
+        if not all(r.hard for r in roundings):
+            record["loss_soft"] = self._evaluate(start, end)
+        with _hardened(roundings):
+            record["loss_hard"], record["best_step"] = self._evaluate(start, end), None
+            if best is not None and 0 <= best.step < steps - 1:
+                record["loss_hard"], record["best_step"] = self._keep_better(
+                    best, start, end, record["loss_hard"]
+                )
+            record |= self._rounding_moved(start, end)
+        record["final_loss"] = record["loss_hard"]
+        record |= self._clip_range(start, end)
+        return record
+
+    def _keep_better(
+        self, best: _BestIterate, start: int, end: int, last_loss: float
+    ) -> tuple[float, int | None]:
+        """Score the best step's variables on the whole calibration set and keep the better
+        of them and the last ones: (its loss, the step kept, or None for the last)."""
+        last = best.snapshot()
+        best.load(best.saved)
+        best_loss = self._evaluate(start, end)
+        if best_loss < last_loss:
+            return best_loss, best.step
+        best.load(last)
+        return last_loss, None
+
+    def _project(self, groups: list[dict[str, Any]], start: int, end: int) -> None:
+        with torch.no_grad():
+            for group in groups:
+                if group.get("is_step"):
+                    for p in group["params"]:
+                        p.clamp_(min=MIN_STEP)
+            for qlinear in self._qlinears(start, end):
+                qlinear.weight_quantizer.project_range()
+
+    @torch.no_grad()
+    def _sample_distances(self, start: int, end: int) -> torch.Tensor:
+        """The window's reconstruction distance of every calibration sample (no regulariser)."""
+        n = self.store.get("x_q").shape[0]
+        return torch.tensor(
+            [self._distance(start, end, torch.tensor([i])).item() for i in range(n)]
+        )
+
+    def _evaluate(self, start: int, end: int) -> float:
+        return self._sample_distances(start, end).mean().item()
+
+    def _distance(self, start: int, end: int, index: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.knobs.bf16):
+            output = self._forward(start, end, self.store.batch("x_q", index))
+        targets = ["y", "y_h"] if self.s.loss.homologous else ["y"]
+        loss = self.s.loss
+        return sum(
+            reconstruction_distance(
+                output,
+                self.store.batch(name, index),
+                loss.kind.value,
+                loss.l2_weight,
+                loss.kl_weight,
+                loss.l2_relative,
+            )
+            for name in targets
+        ) / len(targets)
 
     def _loss(
         self,
         start: int,
         end: int,
         index: torch.Tensor,
-        roundings: list[SoftRounding],
+        roundings: list[LearnedRounding],
         progress: float,
-    ) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.knobs.bf16):
-            output = self._forward(start, end, self.store.batch("x_q", index))
-        targets = ["y", "y_h"] if self.s.loss.homologous else ["y"]
-        distance = sum(
-            reconstruction_distance(
-                output,
-                self.store.batch(name, index),
-                self.s.loss.kind.value,
-                self.s.loss.l2_weight,
-                self.s.loss.kl_weight,
-                self.s.loss.l2_relative,
-            )
-            for name in targets
-        ) / len(targets)
+    ) -> tuple[torch.Tensor, float]:
+        """The training loss (distance + rounding regulariser) and the distance alone."""
+        distance = self._distance(start, end, index)
+        loss = distance
         rounding = self.s.rounding
-        if roundings and progress >= rounding.reg_warmup:
+        regularized = [r for r in roundings if r.has_regularizer and not r.hard]
+        if regularized and progress >= rounding.reg_warmup:
             beta = _annealed_beta(rounding, progress)
-            regularizer = sum(r.regularizer(beta) for r in roundings) / len(roundings)
-            distance = distance + rounding.reg_weight * regularizer
-        return distance
+            regularizer = sum(r.regularizer(beta) for r in regularized) / len(regularized)
+            loss = distance + rounding.reg_weight * regularizer
+        return loss, distance.item()
 
-    @staticmethod
-    def _keep_steps_positive(groups: list[dict[str, Any]]) -> None:
-        with torch.no_grad():
-            for group in groups:
-                if group.get("is_step"):
-                    for p in group["params"]:
-                        p.clamp_(min=MIN_STEP)
+    def _rounding_moved(self, start: int, end: int) -> dict[str, Any]:
+        """Weights whose (hardened) learned rounding differs from RTN at the same ranges."""
+        counts = [_moved_weights(q) for q in self._qlinears(start, end) if q.rounding is not None]
+        if not counts:
+            return {}
+        moved, total = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        return {"rounding_moved": moved, "rounding_moved_fraction": moved / total}
+
+    def _clip_range(self, start: int, end: int) -> dict[str, float]:
+        ranges = [
+            r
+            for q in self._qlinears(start, end)
+            if (r := q.weight_quantizer.clip_factor_range()) is not None
+        ]
+        if not ranges:
+            return {}
+        return {"clip_min": min(r[0] for r in ranges), "clip_max": max(r[1] for r in ranges)}
 
     # --- committing and advancing --------------------------------------------------------
     def _commit(self, start: int, commit_end: int) -> None:
         blocks = self.adapter.blocks()
+        moved = self.stats.setdefault("rounding_moved", {})
         with torch.no_grad():
             for index in range(start, commit_end):
                 for _, qlinear in quant_linears(blocks[index]):
-                    if isinstance(qlinear.rounding, SoftRounding):
+                    if isinstance(qlinear.rounding, LearnedRounding):
                         qlinear.rounding.harden()
+                        counts = moved.setdefault(index, [0, 0])
+                        for i, count in enumerate(_moved_weights(qlinear)):
+                            counts[i] += count
                     qlinear.materialize()
                 blocks[index].requires_grad_(False)
                 self.committed.add(index)
@@ -483,6 +625,50 @@ class CBDTrainer:
         self.stats = state["stats"] | {"resumed_at_window": state["next_window"]}
         log.info("resumed CBQ from %s at window %d", self.checkpoint_path, state["next_window"])
         return state["next_window"]
+
+
+class _BestIterate:
+    """The variables at the step with the lowest score seen so far (a batch's distance over
+    the same samples' initial distance, so that easy batches do not win by being easy)."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params, self.score, self.step = params, math.inf, -1
+        self.saved: list[torch.Tensor] = []
+
+    def offer(self, score: float, step: int) -> None:
+        """Called before the step's update: the current variables scored ``score``."""
+        if score < self.score:
+            self.score, self.step, self.saved = score, step, self.snapshot()
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def load(self, values: list[torch.Tensor]) -> None:
+        for p, value in zip(self.params, values, strict=True):
+            p.copy_(value)
+
+
+@contextmanager
+def _hardened(roundings: list[LearnedRounding]) -> Iterator[None]:
+    """Hard rounding within the block; soft ones soften again after (blocks that stay)."""
+    soft = [r for r in roundings if not r.hard]
+    for rounding in soft:
+        rounding.harden()
+    try:
+        yield
+    finally:
+        for rounding in soft:
+            rounding.soften()
+
+
+@torch.no_grad()
+def _moved_weights(qlinear: QuantLinear) -> tuple[int, int]:
+    """(weights whose learned rounding differs from RTN at the same ranges, all weights)."""
+    weight = qlinear.linear.weight
+    quantizer = qlinear.weight_quantizer
+    learned, nearest = quantizer(weight, qlinear.rounding), quantizer(weight)
+    return int(torch.count_nonzero(learned != nearest)), weight.numel()
 
 
 def _annealed_beta(rounding: RoundingConfig, progress: float) -> float:

@@ -28,6 +28,7 @@ quantizers initialised earlier would not see the new weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup
-from cbq.outliers import Distance, OutlierResult, detect_outliers
+from cbq.outliers import Distance, OutlierResult, detect_outliers, detect_row_outliers
 from cbq.quant import QuantSpec
 from cbq.transforms import capture_inputs, first_consumer, group_inputs, search_migration
 
@@ -71,13 +72,22 @@ def truncate_weight_outliers(
     log_space: bool = False,
     clip_to: ClipTo = "threshold",
     protected_columns: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> Truncation:
     """Clamp the fine outliers of ``|weight|`` to the clip level, in place, keeping signs.
 
     ``weight`` is the FP weight of a linear (``linear.weight`` or ``qlinear.linear.weight``).
     ``protected_columns`` (bool, one per input column) are left out of both detection and
-    truncation.
+    truncation. With ``group_size`` the detection runs in every group of ``group_size``
+    input columns of every row (the weight quantizer's groups; the row's width for
+    per-channel grids) instead of over the whole tensor: see :func:`_truncate_groups`.
     """
+    if group_size is not None:
+        if log_space:
+            raise ValueError("log_space is not supported with a per-group truncation scope")
+        return _truncate_groups(
+            weight, group_size, lambda1, lambda2, distance, clip_to, protected_columns
+        )
     max_before = float(weight.abs().max()) if weight.numel() else 0.0
     if protected_columns is None or not bool(protected_columns.any()):
         view = weight
@@ -100,6 +110,58 @@ def truncate_weight_outliers(
         max_before=max_before,
         max_after=float(weight.abs().max()) if weight.numel() else 0.0,
     )
+
+
+def _truncate_groups(
+    weight: torch.Tensor,
+    group_size: int,
+    lambda1: float,
+    lambda2: float,
+    distance: Distance,
+    clip_to: ClipTo,
+    protected_columns: torch.Tensor | None,
+) -> Truncation:
+    """Per-group truncation: each quantization group's fine outliers, which set that group's
+    step size, are clamped to the group's clip level. A partial last group is its own,
+    narrower group; protected columns count as zeros in their group's statistics and are
+    never changed. ``threshold`` / ``clip`` report the smallest level over the groups."""
+    if clip_to not in CLIP_TO:
+        raise ValueError(f"clip_to must be one of {CLIP_TO}, got {clip_to!r}")
+    rows, cols = weight.shape
+    keep = torch.ones(cols, dtype=torch.bool, device=weight.device)
+    if protected_columns is not None:
+        keep = ~protected_columns.to(weight.device)
+    magnitude = weight.detach().abs().float() * keep
+    full = cols - cols % group_size
+    parts = [(0, full, group_size), (full, cols, cols - full)]
+    levels, results = [], []
+    for start, end, size in parts:
+        if end == start:
+            continue
+        groups = magnitude[:, start:end].reshape(-1, size)
+        result = detect_row_outliers(groups, lambda1, lambda2, distance=distance)
+        level = result.threshold if clip_to == "threshold" else result.reserved_max
+        levels.append(level.to(weight.dtype).reshape(rows, -1).repeat_interleave(size, dim=1))
+        results.append(result)
+    per_column = torch.cat(levels, dim=1)
+    changed = (weight.abs() > per_column) & keep
+    max_before = float(weight.abs().max()) if weight.numel() else 0.0
+    weight.copy_(torch.where(changed, weight.sign() * per_column, weight))
+    thresholds = torch.cat([r.threshold for r in results])
+    return Truncation(
+        threshold=_smallest_finite(thresholds),
+        clip=_smallest_finite(per_column),
+        coarse_count=sum(int(r.coarse_count.sum()) for r in results),
+        outlier_count=sum(int(r.fine_count.sum()) for r in results),
+        truncated=int(changed.sum()),
+        max_before=max_before,
+        max_after=float(weight.abs().max()) if weight.numel() else 0.0,
+    )
+
+
+def _smallest_finite(values: torch.Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.min()) if finite.numel() else math.inf
 
 
 def activation_channel_scales(
@@ -286,11 +348,13 @@ def truncate_block_weights(
     log_space: bool = False,
     clip_to: ClipTo = "threshold",
     protect_scaled: bool = True,
+    group_size: int | None = None,
 ) -> dict[str, int]:
     """Truncate the weight outliers of every linear of ``block``; entries changed per linear.
 
     With ``protect_scaled`` the input columns scaled by :func:`scale_activation_outliers`
-    are left alone (see the module docstring).
+    are left alone (see the module docstring). ``group_size`` as in
+    :func:`truncate_weight_outliers` (0: each row whole).
     """
     truncated: dict[str, int] = {}
     for name, linear in adapter.linears(block).items():
@@ -304,6 +368,7 @@ def truncate_block_weights(
             log_space=log_space,
             clip_to=clip_to,
             protected_columns=columns,
+            group_size=None if group_size is None else group_size or inner.weight.shape[1],
         )
         truncated[name] = result.truncated
     return truncated

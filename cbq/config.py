@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from cbq.quant.quantizer import FULL_PRECISION_BITS, Granularity, QuantSpec
+from cbq.quant.rounding import RoundingForm
 
 WEIGHT_GRANULARITIES = (Granularity.per_tensor, Granularity.per_channel, Granularity.per_group)
 ACT_GRANULARITIES = (Granularity.per_tensor, Granularity.per_token)
@@ -190,6 +191,11 @@ class SplitDistance(StrEnum):
     gap = "gap"
 
 
+class WeightScope(StrEnum):
+    tensor = "tensor"
+    group = "group"
+
+
 class ClipTo(StrEnum):
     threshold = "threshold"
     reserved = "reserved"
@@ -204,9 +210,14 @@ class CFPConfig:
     # between the two sets (see cbq.outliers); log_space splits log|x| instead of |x|.
     distance: SplitDistance = SplitDistance.mean
     log_space: bool = False
-    # Clamp / scale outliers down to the split threshold (paper) or to the largest
-    # reserved (non-outlier) value.
-    clip_to: ClipTo = ClipTo.threshold
+    # Clamp / scale outliers down to the largest reserved (non-outlier) value, or to the
+    # split threshold (the smallest outlier; a lone outlier, the usual find, is then left
+    # as it is, so CFP did nothing: 2 weights of SmolLM2 with the tensor scope).
+    clip_to: ClipTo = ClipTo.reserved
+    # Where weight outliers are detected: in each quantization group of each row (group: a
+    # row's outlier widens that group's step; per_channel grids use the whole row) or over
+    # the whole tensor (the paper's figure; it truncates ~2 weights of SmolLM2 in all).
+    weight_scope: WeightScope = WeightScope.group
     # How mode=weight_act treats activations: "outliers" scales the outlier channels found
     # by the split (Eq. 5, the paper); "migrate" scales every channel by SmoothQuant's
     # s = max|X|^a / max|W|^(1-a), with a searched per scale group in ``alphas`` (and s = 1)
@@ -226,9 +237,13 @@ class RoundingKind(StrEnum):
 @dataclass
 class RoundingConfig:
     kind: RoundingKind = RoundingKind.lora
+    # How the learned variable becomes a rounding offset (cbq.quant.rounding): offset is
+    # AutoRound's bounded additive offset, round(W/s + V) with V in [-0.5, 0.5]; sigmoid is the
+    # paper's floor(W/s) + h(V) (AdaRound, started at h = frac(W/s)) with the regulariser below.
+    form: RoundingForm = RoundingForm.offset
     rank: int = 5
-    # Weight of the mean rounding regulariser; beta anneals from beta_start to beta_end
-    # after the first reg_warmup fraction of each window's steps (AdaRound / BRECQ).
+    # sigmoid form only: weight of the mean rounding regulariser; beta anneals from beta_start
+    # to beta_end after the first reg_warmup fraction of each window's steps (AdaRound / BRECQ).
     reg_weight: float = 0.01
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -464,6 +479,11 @@ def _cbq_component_problems(cfg: Config) -> list[str]:
         problems.append(
             f"cfp.alphas: {list(cfg.cfp.alphas)} is not allowed; allowed: a non-empty list "
             "of values in [0, 1]"
+        )
+    if cfg.cfp.weight_scope is WeightScope.group and cfg.cfp.log_space:
+        problems.append(
+            "cfp.log_space: true is not allowed with cfp.weight_scope=group; allowed: false, "
+            "or cfp.weight_scope=tensor"
         )
     if cfg.cfp.search_tokens < 1:
         problems.append(f"cfp.search_tokens: {cfg.cfp.search_tokens} must be >= 1")

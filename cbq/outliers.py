@@ -198,3 +198,94 @@ def _check_finite(values: torch.Tensor) -> None:
     low, high = torch.aminmax(values.detach())
     if not (math.isfinite(float(low)) and math.isfinite(float(high))):
         raise ValueError("outlier detection needs finite values (found nan or inf)")
+
+
+@dataclass(frozen=True)
+class RowOutliers:
+    """Outcome of :func:`detect_row_outliers`: per row, as in :class:`OutlierResult`."""
+
+    threshold: torch.Tensor  # smallest fine outlier; inf where the row has none
+    reserved_max: torch.Tensor  # largest value below it; inf where the row has no outlier
+    coarse_count: torch.Tensor
+    fine_count: torch.Tensor
+
+
+def detect_row_outliers(
+    values: torch.Tensor,
+    lambda1: float = 1.5,
+    lambda2: float = 1.0,
+    *,
+    distance: Distance = "mean",
+) -> RowOutliers:
+    """Coarse-to-fine detection on ``|values|`` of each row of a 2-D tensor, vectorised.
+
+    Each row gets the decisions :func:`detect_outliers` takes on it alone (same fence, same
+    split metric, same tie rules); CFP uses it per quantization group, where a row's
+    outlier widens that row's step size.
+    """
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    magnitude = values.detach().abs().double()
+    _check_finite(magnitude)
+    rows, width = magnitude.shape
+    q1, q3 = torch.quantile(magnitude, torch.tensor([0.25, 0.75], dtype=torch.float64), dim=-1)
+    ordered = magnitude.sort(dim=-1).values
+    coarse = (magnitude > (q3 + lambda1 * (q3 - q1)).unsqueeze(-1)).sum(-1)
+    inf = torch.full((rows,), math.inf, dtype=torch.float64)
+    tail_size = int(coarse.max()) if rows else 0
+    if tail_size == 0:
+        return RowOutliers(inf, inf.clone(), coarse, torch.zeros_like(coarse))
+    # The coarse set of each row is the last coarse[r] entries of its top tail_size values.
+    tail = ordered[:, width - tail_size :]
+    position = torch.arange(tail_size)
+    valid = position.unsqueeze(0) >= (tail_size - coarse).unsqueeze(-1)
+    split = _row_split(tail, valid, lambda2, distance)
+    # The fine outliers start at tail position ``split``; rows without a coarse set have none.
+    threshold = tail.gather(1, split.clamp(max=tail_size - 1).unsqueeze(-1)).squeeze(-1)
+    none = coarse == 0
+    threshold = torch.where(none, inf, threshold)
+    fine = (magnitude >= threshold.unsqueeze(-1)).sum(-1)
+    return RowOutliers(threshold, _largest_below_rows(ordered, threshold), coarse, fine)
+
+
+def _row_split(
+    tail: torch.Tensor, valid: torch.Tensor, lambda2: float, distance: Distance
+) -> torch.Tensor:
+    """Per row, the tail position where the fine outliers start (see :func:`fine_split`)."""
+    size = tail.shape[1]
+    first = size - valid.sum(-1)  # position of each row's smallest coarse value
+    if size < 2:
+        return first
+    x = torch.where(valid, tail, 0.0)
+    # Centre each row on its coarse mean (the variances are translation invariant).
+    count = valid.sum(-1).clamp(min=1).unsqueeze(-1)
+    x = torch.where(valid, x - x.sum(-1, keepdim=True) / count, 0.0)
+    sums, squares = torch.cumsum(x, -1), torch.cumsum(x * x, -1)
+    n_valid = torch.cumsum(valid.double(), -1)
+    # Split before position p (p = 1..size-1): low = [0, p), high = [p, size).
+    n_low, n_high = n_valid[:, :-1], n_valid[:, -1:] - n_valid[:, :-1]
+    sum_low, sq_low = sums[:, :-1], squares[:, :-1]
+    sum_high, sq_high = sums[:, -1:] - sum_low, squares[:, -1:] - sq_low
+    safe_low, safe_high = n_low.clamp(min=1), n_high.clamp(min=1)
+    mean_low, mean_high = sum_low / safe_low, sum_high / safe_high
+    var_low = (sq_low / safe_low - mean_low.square()).clamp_min(0.0)
+    var_high = (sq_high / safe_high - mean_high.square()).clamp_min(0.0)
+    gap = x[:, 1:] - x[:, :-1]
+    dist = mean_high - mean_low if distance == "mean" else gap
+    metric = var_low + var_high - lambda2 * dist.square()
+    distinct = tail[:, 1:] > tail[:, :-1]
+    allowed = (n_low > 0) & distinct
+    metric = metric.masked_fill(~allowed, math.inf)
+    # Ties: the split with fewer outliers (the largest p) wins.
+    best = size - 2 - torch.argmin(metric.flip(-1), dim=-1)
+    # No allowed split (one coarse value, or ties only): the whole coarse set is the outliers.
+    return torch.where(allowed.any(-1), best + 1, first)
+
+
+def _largest_below_rows(ordered: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest value below a finite ``threshold`` (max of the reserved part, or
+    of the values under the fence); inf where there is no outlier, the threshold where every
+    value is one (only with a negative lambda1), as :func:`_largest_below`."""
+    below = torch.where(ordered < threshold.unsqueeze(-1), ordered, -math.inf).amax(-1)
+    below = torch.where(torch.isfinite(below), below, threshold)
+    return torch.where(torch.isfinite(threshold), below, threshold)

@@ -171,7 +171,7 @@ def row_value(record: Record, key: str) -> str:
 
 # Rows keyed by method go in this order; other methods follow in the order they appeared.
 METHOD_ORDER: tuple[str, ...] = (
-    "fp", "rtn", "gptq", "awq", "smoothquant", "osplus", "omniquant", "cbq",
+    "fp", "rtn", "gptq", "awq", "smoothquant", "osplus", "omniquant", "autoround", "cbq",
 )  # fmt: skip
 
 

@@ -207,3 +207,70 @@ def test_migration_is_exact_and_lowers_the_search_error(family: str, ids: torch.
     assert migrated_error < 0.3 * identity_error, (migrated_error, identity_error)
     # The columns that grew are protected from weight truncation, as after outlier scaling.
     assert all(getattr(c, SCALED_COLUMNS_ATTR, None) is not None for c in group.consumers)
+
+
+# --- per-group truncation (cfp.weight_scope=group) -----------------------------------------
+def _group_weight() -> torch.Tensor:
+    weight = torch.randn(8, 40, generator=torch.Generator().manual_seed(3)) * 0.02
+    weight[0, 3], weight[0, 5], weight[2, 30], weight[5, 39] = 0.5, -0.4, 0.3, -0.6
+    return weight
+
+
+@pytest.mark.parametrize("clip_to", ["threshold", "reserved"])
+def test_group_truncation_clamps_each_group_to_its_own_level(clip_to: str) -> None:
+    """Group size 16 over 40 columns (a partial last group of 8, its own group): every changed
+    weight sits at its group's clip level, computed by the per-tensor rule on that group."""
+    weight = _group_weight()
+    before = weight.clone()
+    result = truncate_weight_outliers(weight, clip_to=clip_to, group_size=16)
+    changed = weight != before
+    assert int(changed.sum()) == result.truncated > 0
+    assert torch.equal(torch.sign(weight[changed]), torch.sign(before[changed]))
+    for row in range(weight.shape[0]):
+        for start in range(0, 40, 16):
+            group = before[row, start : start + 16].clone()
+            reference = truncate_weight_outliers(group.unsqueeze(0), clip_to=clip_to)
+            expected = group.clamp(-reference.clip, reference.clip)
+            torch.testing.assert_close(weight[row, start : start + 16], expected)
+
+
+def test_group_scope_truncates_where_the_tensor_scope_does_not() -> None:
+    """The paper's rule over the whole tensor isolates its largest values and clamps them to
+    the smallest of them: one weight here (2 in all of SmolLM2). Per group, with the clamp to
+    the largest reserved value (the default), every group's outliers go, the planted ones in
+    rows 0, 2 and 5 included."""
+    tensor_weight, group_weight = _group_weight(), _group_weight()
+    assert truncate_weight_outliers(tensor_weight).truncated == 1
+    result = truncate_weight_outliers(group_weight, group_size=16, clip_to="reserved")
+    assert result.truncated >= 4
+    assert float(group_weight[0, 3]) == pytest.approx(0.4) and abs(float(group_weight[2, 30])) < 0.1
+    assert abs(float(group_weight[5, 39])) < 0.1
+
+
+def test_group_truncation_leaves_protected_columns(ids: torch.Tensor) -> None:
+    weight = _group_weight()
+    protected = torch.zeros(40, dtype=torch.bool)
+    protected[3] = protected[30] = True
+    before = weight.clone()
+    truncate_weight_outliers(weight, group_size=16, protected_columns=protected)
+    assert torch.equal(weight[:, protected], before[:, protected])
+    with pytest.raises(ValueError, match="log_space"):
+        truncate_weight_outliers(weight, group_size=16, log_space=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_block_truncation_changes_the_weights_it_reports(family: str, ids: torch.Tensor) -> None:
+    """Every reported truncation is a changed weight of the block (no more, no fewer), and the
+    block's output moves with them."""
+    _, adapter = planted(family)
+    hidden, ctx = block0_inputs(adapter, ids)
+    with torch.no_grad():
+        output = adapter.forward_block(0, hidden, ctx)
+    before = weights(adapter)
+    truncated = truncate_block_weights(adapter, adapter.blocks()[0], group_size=16)
+    after = weights(adapter)
+    for name in before:
+        assert int((after[name] != before[name]).sum()) == truncated[name]
+    assert sum(truncated.values()) > 5
+    with torch.no_grad():
+        assert not torch.equal(adapter.forward_block(0, hidden, ctx), output)

@@ -13,6 +13,7 @@ from cbq.outliers import (
     EXACT_QUANTILE_LIMIT,
     coarse_outliers,
     detect_outliers,
+    detect_row_outliers,
     fine_split,
     quartiles,
     split_metric,
@@ -226,3 +227,27 @@ def test_detect_outliers_keeps_shape_and_sign_agnostic() -> None:
     assert result.threshold == pytest.approx(0.9)
     empty = detect_outliers(torch.empty(0, 3))
     assert empty.fine_count == 0 and empty.threshold == math.inf and empty.mask.shape == (0, 3)
+
+
+@pytest.mark.parametrize("distance", ["mean", "gap"])
+def test_row_detection_matches_the_scalar_rule_row_by_row(distance: str) -> None:
+    """detect_row_outliers (vectorised) against detect_outliers on each row alone: random
+    rows, planted outliers, ties (rounded values) and rows with no coarse outlier."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        width = int(torch.randint(4, 70, (1,), generator=generator))
+        values = torch.randn(7, width, generator=generator)
+        if trial % 3 == 0:
+            values[:, :3] *= 20
+        if trial % 5 == 0:
+            values = values.round()
+        values[6] = 1.0  # all ties: no coarse outlier
+        rows = detect_row_outliers(values, 1.5, 1.0, distance=distance)
+        for r in range(values.shape[0]):
+            ref = detect_outliers(values[r], 1.5, 1.0, distance=distance)
+            assert rows.threshold[r].item() == ref.threshold
+            assert rows.reserved_max[r].item() == ref.reserved_max
+            assert (rows.coarse_count[r].item(), rows.fine_count[r].item()) == (
+                ref.coarse_count,
+                ref.fine_count,
+            )

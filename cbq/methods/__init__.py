@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cbq.config import Config
+from cbq.methods.autoround import AutoRound
 from cbq.methods.awq import AWQ
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.methods.cbq import CrossBlockQuantization
@@ -27,6 +28,7 @@ METHODS: dict[str, type[QuantMethod]] = {
         OutlierSuppressionPlus,
         AWQ,
         OmniQuant,
+        AutoRound,
         CrossBlockQuantization,
     )
 }

@@ -22,7 +22,7 @@ class QuantLinear(nn.Module):
         self.linear = linear
         self.weight_quantizer = WeightQuantizer(weight_spec, linear.weight)
         self.act_quantizer = ActQuantizer(act_spec)
-        # Optional learned rounding (cbq.quant.rounding), mapping W/s to offsets in [0, 1].
+        # Optional learned rounding (cbq.quant.rounding), mapping W/s to offsets in {0, 1}.
         self.rounding: nn.Module | None = None
         self.weight_materialized = False
 
@@ -59,6 +59,7 @@ class QuantLinear(nn.Module):
         if self.weight_materialized:
             return
         self.linear.weight.data.copy_(self.quantized_weight())
+        self.weight_quantizer.freeze()
         self.rounding = None
         self.weight_materialized = True
 

@@ -9,6 +9,17 @@ grid ``[-2^(b-1), 2^(b-1) - 1]``.
 
 Ranges include zero (as in the GPTQ reference), so zero is exactly representable and a
 partial last group can be padded with zeros without changing its statistics.
+
+A weight quantizer's range can be learned in two ways (:class:`RangeLearning`), each per row
+and group, so that one learning rate suits every row whatever its magnitude:
+
+- ``step``: LSQ on ``s = s0 * exp(g)``: Adam moves ``g`` by about ``lr`` a step, a relative
+  change of every step size by ``lr`` (not of the tensor's mean step size);
+- ``clip``: AutoRound's / OmniQuant's learnable clipping of both bounds, ``[f_lo * min(W_g),
+  f_hi * max(W_g)]`` with factors in ``(0, 1]``; step size and zero point follow by min-max.
+
+:meth:`WeightQuantizer.freeze` writes the learned step sizes and zero points into ``scale`` /
+``zero`` and drops the learned parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +32,16 @@ import torch
 from torch import nn
 
 FULL_PRECISION_BITS = 16
+
+
+class RangeLearning(StrEnum):
+    none = "none"
+    step = "step"
+    clip = "clip"
+
+
+# Lower bound of the learned clipping factors (AutoRound bounds them to [0, 1]).
+MIN_CLIP_FACTOR = 1e-2
 
 
 class Granularity(StrEnum):
@@ -116,6 +137,7 @@ class WeightQuantizer(nn.Module):
         scale, zero = self._initial_params(weight.detach())
         self.scale = nn.Parameter(scale, requires_grad=False)
         self.zero = nn.Parameter(zero, requires_grad=False)
+        self.range_learning = RangeLearning.none
 
     @property
     def group_size(self) -> int:
@@ -143,6 +165,66 @@ class WeightQuantizer(nn.Module):
         self.scale.data.copy_(scale)
         self.zero.data.copy_(zero)
 
+    def learn_range(self, mode: RangeLearning, weight: torch.Tensor) -> list[nn.Parameter]:
+        """Start learning the range of ``weight`` (``mode``); returns the new parameters."""
+        mode = RangeLearning(mode)
+        self.range_learning = mode
+        if mode is RangeLearning.step:
+            self.log_gain = nn.Parameter(torch.zeros_like(self.scale))
+            return [self.log_gain]
+        if mode is RangeLearning.clip:
+            grouped = self.grouped(weight.detach().float())
+            self.register_buffer("range_low", grouped.amin(dim=-1) * self.clip_ratio)
+            self.register_buffer("range_high", grouped.amax(dim=-1) * self.clip_ratio)
+            self.low_factor = nn.Parameter(torch.ones_like(self.scale))
+            self.high_factor = nn.Parameter(torch.ones_like(self.scale))
+            return [self.low_factor, self.high_factor]
+        return []
+
+    def range_parameters(self) -> list[nn.Parameter]:
+        if self.range_learning is RangeLearning.step:
+            return [self.log_gain]
+        if self.range_learning is RangeLearning.clip:
+            return [self.low_factor, self.high_factor]
+        return []
+
+    @torch.no_grad()
+    def project_range(self) -> None:
+        """Keep learned clipping factors in ``[MIN_CLIP_FACTOR, 1]`` (after an optimizer step)."""
+        if self.range_learning is RangeLearning.clip:
+            self.low_factor.clamp_(MIN_CLIP_FACTOR, 1.0)
+            self.high_factor.clamp_(MIN_CLIP_FACTOR, 1.0)
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step sizes and zero points in use, ``(rows, groups)``."""
+        if self.range_learning is RangeLearning.step:
+            return self.scale * self.log_gain.exp(), self.zero
+        if self.range_learning is RangeLearning.clip:
+            low, high = self.range_low * self.low_factor, self.range_high * self.high_factor
+            scale, zero = minmax_params(low, high, self.spec)
+            return scale, zero
+        return self.scale, self.zero
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Write the learned range into ``scale`` / ``zero``; stop learning it."""
+        if self.range_learning is RangeLearning.none:
+            return
+        scale, zero = self.params()
+        self.scale.data.copy_(scale)
+        self.zero.data.copy_(zero)
+        for name in ("log_gain", "low_factor", "high_factor", "range_low", "range_high"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.range_learning = RangeLearning.none
+
+    def clip_factor_range(self) -> tuple[float, float] | None:
+        """(min, max) over both learned clipping factors, or None when not learning clipping."""
+        if self.range_learning is not RangeLearning.clip:
+            return None
+        both = torch.cat([self.low_factor.detach().flatten(), self.high_factor.detach().flatten()])
+        return float(both.min()), float(both.max())
+
     def expand(self, param: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Broadcast a ``(rows, groups)`` parameter to the weight's shape."""
         if self.spec.granularity is Granularity.per_tensor:
@@ -164,8 +246,9 @@ class WeightQuantizer(nn.Module):
         if not self.spec.enabled:
             return weight
         grouped = self.grouped(weight)
-        scale = self.scale.unsqueeze(-1).to(weight.dtype)
-        zero = self.zero.unsqueeze(-1).to(weight.dtype)
+        scale, zero = self.params()
+        scale = scale.unsqueeze(-1).to(weight.dtype)
+        zero = zero.unsqueeze(-1).to(weight.dtype)
         offsets = None
         if rounding is not None:
             scaled = self.ungrouped(grouped / scale, weight)

@@ -1,33 +1,49 @@
-"""Learned rounding: AdaRound (full rank) and CBQ's LoRA-Rounding (low rank).
+"""Learned rounding: full-rank (AdaRound-style) or low-rank (CBQ's LoRA-Rounding) variables.
 
-The weight is quantized as ``s * (clamp(floor(W/s) + h(V) + z, 0, 2^b-1) - z)`` with the
-rectified sigmoid ``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` and
+A rounding module maps ``W/s`` to integer offsets added to ``floor(W/s)``. The learned
+variable ``D`` is a full matrix (``kind=adaround``) or ``A1 @ A2`` of rank r (``kind=lora``,
+the paper's low-rank decomposition). Two forms turn ``D`` into offsets:
 
-    V = V0(W/s) + D,   D = A1 @ A2 (LoRA-Rounding, rank r)  or  D a full matrix (AdaRound).
+- ``form=offset`` (AutoRound's SignRound): ``round(W/s + clamp(D, -0.5, 0.5)) - floor(W/s)``,
+  which is 0 or 1. The forward is always hard (straight-through gradient to ``D``), so there
+  is no gap between the trained and the hardened weight, and ``D = 0`` is exactly RTN.
+- ``form=sigmoid`` (the paper's Eq. 6, AdaRound): ``h(V0 + D)`` with the rectified sigmoid
+  ``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` and AdaRound's start
+  ``h(V0) = frac(W/s)``: the soft weight starts at ``W`` itself and a regulariser pushes every
+  ``h`` to 0 or 1; hardening takes ``h >= 0.5``. ``V0`` is recomputed from the current step
+  size at every forward, so ``D`` stays a deviation when CBQ learns ``s`` at the same time.
 
-``V0`` is round-to-nearest expressed as a rounding variable: ``+INIT_MAGNITUDE`` where
-``frac(W/s) >= 0.5``, ``-INIT_MAGNITUDE`` elsewhere. It is recomputed from the current step
-size at every forward, so when CBQ learns ``s`` and the rounding together, the learned part
-``D`` is always a deviation from round-to-nearest at the current ``s`` (a fixed ``V0`` would
-turn each grid crossing of ``W/s`` into a one-step error).
-
-At the start ``D = 0`` (``A2`` starts at zero): hardening (``h >= 0.5``, i.e. ``V >= 0``)
-gives exactly RTN and the soft offsets (0.957 / 0.043) lie within 0.05 of a step of it.
-``V0`` sits inside the rectified sigmoid's slope on purpose: at the clamp the gradient would
-be zero and the variables could never move.
+Why both: the previous start of the sigmoid form, ``V0 = +-2`` (round-to-nearest deep in the
+sigmoid's tail), needed ``|D| > 2`` to flip a weight, which Adam at lr 1e-3 never reached in a
+window's ~100 steps (1-2 of 73,728 weights moved). The docs compare the two forms.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import torch
 from torch import nn
 
+from cbq.quant.quantizer import round_ste
+
 ZETA, GAMMA = 1.1, -0.1
-INIT_MAGNITUDE = 2.0
+OFFSET_BOUND = 0.5
+
+
+class RoundingForm(StrEnum):
+    offset = "offset"
+    sigmoid = "sigmoid"
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """``V`` with ``rectified_sigmoid(V) = h`` for ``h`` in [0, 1) (finite: the stretch keeps
+    ``sigmoid(V)`` inside (0.083, 0.917))."""
+    return torch.logit((h - GAMMA) / (ZETA - GAMMA))
 
 
 def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
@@ -35,61 +51,79 @@ def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
     return (1 - (2 * h - 1).abs().pow(beta)).mean()
 
 
-def nearest_variable(scaled: torch.Tensor) -> torch.Tensor:
-    """``V0``: the rounding variable that encodes round-to-nearest of ``scaled = W/s``."""
-    scaled = scaled.detach()
-    round_up = (scaled - scaled.floor()) >= 0.5
-    return torch.where(round_up, INIT_MAGNITUDE, -INIT_MAGNITUDE).to(scaled.dtype)
+class LearnedRounding(nn.Module):
+    """Offsets in {0, 1} (or [0, 1] while a sigmoid form is soft) for ``W/s``."""
 
-
-class SoftRounding(nn.Module):
-    """Rounding offsets in [0, 1] for ``W/s``; soft while learning, {0, 1} once hardened."""
-
-    def __init__(self) -> None:
+    def __init__(self, form: RoundingForm = RoundingForm.offset) -> None:
         super().__init__()
-        self.hard = False
+        self.form = RoundingForm(form)
+        self.hard = self.form is RoundingForm.offset
         self._last_soft: torch.Tensor | None = None
 
+    @property
+    def has_regularizer(self) -> bool:
+        return self.form is RoundingForm.sigmoid
+
     def deviation(self) -> torch.Tensor:
-        """``D``, the learned deviation from round-to-nearest."""
+        """``D``, the learned variable."""
         raise NotImplementedError
 
     def forward(self, scaled: torch.Tensor) -> torch.Tensor:
-        variable = nearest_variable(scaled) + self.deviation()
+        scaled = scaled.detach()
+        floor = scaled.floor()
+        if self.form is RoundingForm.offset:
+            bounded = self.deviation().clamp(-OFFSET_BOUND, OFFSET_BOUND)
+            return round_ste(scaled + bounded) - floor
+        variable = inverse_rectified_sigmoid(scaled - floor) + self.deviation()
         if self.hard:
             return (variable >= 0).to(scaled.dtype)
         self._last_soft = rectified_sigmoid(variable)
         return self._last_soft
 
     def regularizer(self, beta: float) -> torch.Tensor:
-        """Regulariser on the offsets of the latest forward pass."""
+        """Regulariser on the soft offsets of the latest forward pass (sigmoid form)."""
         if self._last_soft is None:
-            raise RuntimeError("regularizer() needs a forward pass first")
+            raise RuntimeError("regularizer() needs a soft forward pass of the sigmoid form")
         return rounding_regularizer(self._last_soft, beta)
 
     def harden(self) -> None:
         self.hard = True
         self._last_soft = None
 
-    def get_extra_state(self) -> dict[str, bool]:
-        return {"hard": self.hard}
+    def soften(self) -> None:
+        """Back to soft offsets (sigmoid form): undoes a temporary :meth:`harden`."""
+        self.hard = self.form is RoundingForm.offset
 
-    def set_extra_state(self, state: dict[str, bool]) -> None:
-        self.hard = state["hard"]
+    def get_extra_state(self) -> dict[str, bool | str]:
+        return {"hard": self.hard, "form": self.form.value}
+
+    def set_extra_state(self, state: dict[str, bool | str]) -> None:
+        self.hard = bool(state["hard"])
+        self.form = RoundingForm(state.get("form", RoundingForm.sigmoid.value))
 
 
-class AdaRound(SoftRounding):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
+class AdaRound(LearnedRounding):
+    """One variable per weight."""
+
+    def __init__(self, weight: torch.Tensor, form: RoundingForm = RoundingForm.offset):
+        super().__init__(form)
         self.d = nn.Parameter(torch.zeros_like(weight))
 
     def deviation(self) -> torch.Tensor:
         return self.d
 
 
-class LoRARounding(SoftRounding):
-    def __init__(self, weight: torch.Tensor, rank: int, generator: torch.Generator | None = None):
-        super().__init__()
+class LoRARounding(LearnedRounding):
+    """``D = A1 @ A2`` of rank r: ``r * (rows + cols)`` variables instead of ``rows * cols``."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        rank: int,
+        generator: torch.Generator | None = None,
+        form: RoundingForm = RoundingForm.offset,
+    ):
+        super().__init__(form)
         rows, cols = weight.shape
         rank = min(rank, rows, cols)
         init = torch.randn(rows, rank, generator=generator, dtype=weight.dtype) / rank**0.5
