@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_INSTALL ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format bench archive-results clean
+.PHONY: setup run test test-fast lint format bench peers archive-results clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,17 @@ format: setup
 bench: setup
 	$(PY) -m benchmarks.fakequant_overhead
 	$(PY) -m benchmarks.ppl_table
+
+# Peer libraries in their own venv, so that the project's pins stay intact: the auto-round
+# library, which benchmarks/autoround_library.py compares with method=autoround.
+PEERS_VENV ?= .venv-peers
+peers: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed:
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q $(TORCH_INSTALL)
+	$(PEERS_VENV)/bin/pip install -q auto-round==0.16.1 transformers==5.23.0
+	touch $@
 
 # Commit the records behind the README tables: finished runs' results.json, nothing else.
 archive-results: setup

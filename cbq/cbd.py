@@ -389,8 +389,9 @@ class CBDTrainer:
             leave=False,
         )
         losses: list[float] = []
+        unit = 1.0 / max(record["loss_init"], 1e-30)
         for step, index in enumerate(self._batches(n, steps, self.s.seed * 1000 + number)):
-            loss, distance = self._loss(start, end, index, roundings, step / steps)
+            loss, distance = self._loss(start, end, index, roundings, step / steps, unit)
             value = loss.item()
             check_finite(
                 value,
@@ -482,16 +483,20 @@ class CBDTrainer:
         index: torch.Tensor,
         roundings: list[LearnedRounding],
         progress: float,
+        unit: float = 1.0,
     ) -> tuple[torch.Tensor, float]:
-        """The training loss (distance + rounding regulariser) and the distance alone."""
+        """The training loss and the distance alone. The loss is the distance in units of the
+        window's initial loss plus the rounding regulariser: every window trains on the same
+        scale however deep it is (the raw loss grows ~10^4 over Gemma-3's depth), which keeps
+        the regulariser's weight meaning one thing and the gradients far above Adam's eps."""
         distance = self._distance(start, end, index)
-        loss = distance
+        loss = distance * unit
         rounding = self.s.rounding
         regularized = [r for r in roundings if r.has_regularizer and not r.hard]
         if regularized and progress >= rounding.reg_warmup:
             beta = _annealed_beta(rounding, progress)
             regularizer = sum(r.regularizer(beta) for r in regularized) / len(regularized)
-            loss = distance + rounding.reg_weight * regularizer
+            loss = loss + rounding.reg_weight * regularizer
         return loss, distance.item()
 
     def _rounding_moved(self, start: int, end: int) -> dict[str, Any]:
