@@ -97,8 +97,9 @@ class TrainerKnobs:
     # clipping factor's unit); lr_act_scale relative to the activation step (_relative_group).
     lr_weight_scale: float = 1e-2
     lr_act_scale: float = 1e-2
-    lr_rounding: float = 1e-2
-    optimizer: OptimizerKind = OptimizerKind.adam
+    lr_rounding: float = 5e-3
+    # signsgd moves every variable by exactly lr a step (AutoRound's); adam by about lr.
+    optimizer: OptimizerKind = OptimizerKind.signsgd
     lr_schedule: LRSchedule = LRSchedule.linear
     # Keep the window's best iterate (lowest window loss over the calibration set): the
     # lowest-loss step's variables replace the last ones when they score better.

@@ -236,7 +236,7 @@ class RoundingKind(StrEnum):
 
 @dataclass
 class RoundingConfig:
-    kind: RoundingKind = RoundingKind.lora
+    kind: RoundingKind = RoundingKind.adaround
     # How the learned variable becomes a rounding offset (cbq.quant.rounding): offset is
     # AutoRound's bounded additive offset, round(W/s + V) with V in [-0.5, 0.5]; sigmoid is the
     # paper's floor(W/s) + h(V) (AdaRound, started at h = frac(W/s)) with the regulariser below.

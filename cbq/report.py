@@ -581,6 +581,7 @@ def table6_entries(record: Record) -> Iterator[Entry]:
     yield from ppl_entries(record, row, group)
     yield Entry(row, (group, "#iters"), optimizer_steps(record))
     yield Entry(row, (group, "rounding params/block"), rounding_params(record))
+    yield Entry(row, (group, "weights moved (%)"), moved_percent(record))
     name, mib = peak_memory(record)
     yield Entry(row, (group, name), mib)
     yield Entry(row, (group, "quantize (s)"), quantize_seconds(record))
@@ -588,7 +589,29 @@ def table6_entries(record: Record) -> Iterator[Entry]:
 
 def table7_entries(record: Record) -> Iterator[Entry]:
     row = (cfp_label(record), setting(record))
-    yield from ppl_entries(record, row, str(lookup(record, "model.name")))
+    group = str(lookup(record, "model.name"))
+    yield from ppl_entries(record, row, group)
+    yield Entry(row, (group, "truncated weights"), truncated_weights(record))
+
+
+def moved_percent(record: Record) -> float | None:
+    """Percent of the quantized weights whose learned rounding differs from RTN (committed
+    blocks, ``stats.rounding_moved``); 0 for ``rounding=nearest``; None for older records."""
+    if lookup(record, "rounding.kind") == "nearest":
+        return 0.0
+    counts = (record.get("stats") or {}).get("rounding_moved")
+    if not counts:
+        return None
+    moved, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+    return round(100 * moved / total, 2)
+
+
+def truncated_weights(record: Record) -> int | None:
+    """Weights CFP truncated in the whole model (``stats.cfp``)."""
+    cfp = (record.get("stats") or {}).get("cfp")
+    if not isinstance(cfp, dict):
+        return None
+    return sum(sum(block.get("weight", {}).values()) for block in cfp.values())
 
 
 LAYOUTS: dict[int, Layout] = {
@@ -638,7 +661,9 @@ LAYOUTS: dict[int, Layout] = {
         paper_rank=label_rank(("nearest", "adaround", "lora")),
         footer=lambda records: [
             "#iters: optimizer steps of the whole run (all windows); rounding params/block: "
-            "learnable rounding variables of one block (0: round to nearest)."
+            "learnable rounding variables of one block (0: round to nearest); weights moved: "
+            "share of the quantized weights whose rounding differs from RTN at the learned "
+            "step sizes."
         ],
     ),
     7: Layout(

@@ -268,8 +268,10 @@ def test_table6_rounding_steps_parameters_memory_time(tmp_path):
     counts = {"adaround": 1000, "lora_r5": 50}
     common = {"timing_s": {"quantize": 9.6}, "memory": {"peak_rss_mib": 100.0}}
     sweep = Sweep(tmp_path)
+    moved = {"nearest": {}, "adaround": {"0": [40, 1000]}, "lora": {"0": [15, 500], "1": [5, 500]}}
     for kind, value in {"nearest": 900.0, "adaround": 35.0, "lora": 33.0}.items():
         stats = {"windows": windows, "rounding_params_per_block": counts}
+        stats["rounding_moved"] = moved[kind]
         sweep.add(run(quant="w4a4", rounding=(kind, 5), ppl={"wiki": value}, stats=stats, **common))
     steps = {"optimizer_steps": 77, "rounding_params_per_block": counts}
     sweep.add(run(rounding=("lora", 5), ppl={"wiki": 12.0}, stats=steps, **common))
@@ -280,15 +282,16 @@ def test_table6_rounding_steps_parameters_memory_time(tmp_path):
         "smol wiki",
         "smol #iters",
         "smol rounding params/block",
+        "smol weights moved (%)",
         "smol peak RSS (MiB)",
         "smol quantize (s)",
     ]
     # 3 windows x 2 epochs x ceil(10 samples / batches of 4) = 18 steps
     assert rows(table)[1:] == [
-        ["nearest (no rounding learning)", "w4a4", "900.00", "18", "0", "100", "10"],
-        ["adaround (full rank)", "w4a4", "35.00", "18", "1000", "100", "10"],
-        ["lora r=5", "w4a4", "33.00", "18", "50", "100", "10"],
-        ["lora r=5", "w8a8", "12.00", "77", "50", "100", "10"],
+        ["nearest (no rounding learning)", "w4a4", "900.00", "18", "0", "0.00", "100", "10"],
+        ["adaround (full rank)", "w4a4", "35.00", "18", "1000", "4.00", "100", "10"],
+        ["lora r=5", "w4a4", "33.00", "18", "50", "2.00", "100", "10"],
+        ["lora r=5", "w8a8", "12.00", "77", "50", "-", "100", "10"],
     ]
     assert table.footer[0].startswith("#iters: optimizer steps of the whole run")
 
@@ -297,7 +300,11 @@ def test_table7_cfp_mode_by_setting(tmp_path):
     sweep = Sweep(tmp_path)
     for quant in ("w4a4", "w8a8"):
         for mode, value in {"none": 45.9, "weight": 45.1, "weight_act": 38.2}.items():
-            sweep.add(run(quant=quant, cfp=mode, ppl={"wiki": value + (quant == "w8a8")}))
+            cut = {"none": {}, "weight": {"0": {"weight": {"q": 3, "k": 4}}}}.get(mode)
+            stats = {} if cut is None else {"cfp": cut}
+            sweep.add(
+                run(quant=quant, cfp=mode, ppl={"wiki": value + (quant == "w8a8")}, stats=stats)
+            )
     loggap = run(quant="w4a4", ppl={"wiki": 37.0})
     loggap["config"]["cfp"] |= {"distance": "gap", "log_space": True}
     sweep.add(loggap)
@@ -305,15 +312,15 @@ def test_table7_cfp_mode_by_setting(tmp_path):
     migrated["config"]["cfp"] |= {"act_rule": "migrate"}
     sweep.add(migrated)
     assert rows(build_table(load_results(tmp_path), 7)) == [
-        ["cfp", "setting", "smol wiki"],
-        ["none", "w4a4", "45.90"],
-        ["none", "w8a8", "46.90"],
-        ["weight", "w4a4", "45.10"],
-        ["weight", "w8a8", "46.10"],
-        ["weight_act", "w4a4", "38.20"],
-        ["weight_act", "w8a8", "39.20"],
-        ["weight_act (gap, log)", "w4a4", "37.00"],
-        ["weight_act (migrate)", "w4a4", "30.00"],
+        ["cfp", "setting", "smol wiki", "smol truncated weights"],
+        ["none", "w4a4", "45.90", "0"],
+        ["none", "w8a8", "46.90", "0"],
+        ["weight", "w4a4", "45.10", "7"],
+        ["weight", "w8a8", "46.10", "7"],
+        ["weight_act", "w4a4", "38.20", "-"],
+        ["weight_act", "w8a8", "39.20", "-"],
+        ["weight_act (gap, log)", "w4a4", "37.00", "-"],
+        ["weight_act (migrate)", "w4a4", "30.00", "-"],
     ]
 
 

@@ -180,6 +180,14 @@ class LearnableClip(nn.Module):
             return float(high)
         return 0.5 * float(low.detach().mean() + high.detach().mean())
 
+    def clip_range(self) -> tuple[float, float]:
+        """(smallest, largest) clipping factor over both bounds of every row and group."""
+        low, high = self.factors()
+        if isinstance(low, float) or isinstance(high, float):
+            return float(low), float(high)
+        both = torch.cat([low.detach().flatten(), high.detach().flatten()])
+        return float(both.min()), float(both.max())
+
 
 # --- LET -----------------------------------------------------------------------------------
 def _inner(module: nn.Module) -> nn.Module:
@@ -645,6 +653,9 @@ class OmniQuant(QuantMethod):
         if transform.clips:
             clips = transform.clips.values()
             stats["mean_clip"] = sum(c.mean_clip() for c in clips) / len(clips)
+            ranges = [c.clip_range() for c in clips]
+            stats["clip_min"] = min(r[0] for r in ranges)
+            stats["clip_max"] = max(r[1] for r in ranges)
         return stats
 
     def _epochs(

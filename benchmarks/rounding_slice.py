@@ -1,0 +1,79 @@
+"""Calibration-side knob search for CBQ's learned parts on the first blocks of a packaged model.
+
+    python -m benchmarks.rounding_slice '[{"rounding": {"kind": "lora"}, "optimizer": "signsgd"}]'
+
+Each JSON object is a set of ``TrainerKnobs`` fields plus ``rounding`` (``RoundingConfig``
+fields). The model is cut to its first ``--blocks`` blocks; CBQ runs on the preset=cpu
+calibration (16 x 256 tokens of wiki-sample, seed 0) with CFP off, and each try prints its
+hardened window losses, initial losses, share of weights moved and kept steps, one JSON line
+a try. Only calibration data is used: this is where knobs are chosen, never the evaluation
+text (docs/cbq_components.md lists the tries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
+from cbq.config import CFPConfig, CFPMode, QuantConfig, RoundingConfig
+from cbq.data import calibration_batch
+from cbq.models import adapter_for
+from cbq.models.loader import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tries", help="a JSON list of knob sets")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--group-size", type=int, default=128)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base, tokenizer = load_model(args.model, None, cache_dir=Path("~/.cache/cbq").expanduser())
+    layers = base.model.layers
+    base.model.layers = layers[: args.blocks]
+    base.config.num_hidden_layers = args.blocks
+    calib = calibration_batch("wiki-sample", tokenizer, n_samples=16, seqlen=256, seed=0)
+    quant = QuantConfig(
+        name=f"w{args.bits}a16g{args.group_size}",
+        w_bits=args.bits,
+        w_granularity="per_group",
+        w_group_size=args.group_size,
+    )
+    for knobs in json.loads(args.tries):
+        rounding = RoundingConfig(**knobs.pop("rounding", {}))
+        settings = TrainerSettings(
+            knobs=TrainerKnobs(**knobs), rounding=rounding, cfp=CFPConfig(mode=CFPMode.none)
+        )
+        model, started = copy.deepcopy(base), time.perf_counter()
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = CBDTrainer(
+                adapter_for(model), quant, settings, torch.device("cpu"), Path(run_dir)
+            )
+            windows = trainer.run(calib)["windows"]
+        print(
+            json.dumps(
+                {
+                    "knobs": knobs,
+                    "rounding": {"kind": rounding.kind.value, "rank": rounding.rank},
+                    "loss_hard": [round(w["loss_hard"], 3) for w in windows],
+                    "loss_init": [round(w["loss_init"], 3) for w in windows],
+                    "moved": [round(w.get("rounding_moved_fraction", 0.0), 3) for w in windows],
+                    "best_step": [w["best_step"] for w in windows],
+                    "seconds": round(time.perf_counter() - started),
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
