@@ -210,14 +210,15 @@ class CFPConfig:
     # between the two sets (see cbq.outliers); log_space splits log|x| instead of |x|.
     distance: SplitDistance = SplitDistance.mean
     log_space: bool = False
-    # Clamp / scale outliers down to the largest reserved (non-outlier) value, or to the
-    # split threshold (the smallest outlier; a lone outlier, the usual find, is then left
-    # as it is, so CFP did nothing: 2 weights of SmolLM2 with the tensor scope).
-    clip_to: ClipTo = ClipTo.reserved
-    # Where weight outliers are detected: in each quantization group of each row (group: a
-    # row's outlier widens that group's step; per_channel grids use the whole row) or over
-    # the whole tensor (the paper's figure; it truncates ~2 weights of SmolLM2 in all).
-    weight_scope: WeightScope = WeightScope.group
+    # Clamp / scale outliers down to the split threshold (the paper's: the smallest outlier,
+    # so a lone outlier, the usual find, is left as it is) or to the largest reserved
+    # (non-outlier) value, which always truncates.
+    clip_to: ClipTo = ClipTo.threshold
+    # Where weight outliers are detected: over the whole tensor (the paper's; 2 weights of
+    # SmolLM2 in all) or in each quantization group of each row (group: 1.08% of SmolLM2's
+    # weights at g128 with clip_to=reserved). Truncation that acts costs perplexity at
+    # weight-only settings (docs/cbq_components.md), so the paper's rule is the default.
+    weight_scope: WeightScope = WeightScope.tensor
     # How mode=weight_act treats activations: "outliers" scales the outlier channels found
     # by the split (Eq. 5, the paper); "migrate" scales every channel by SmoothQuant's
     # s = max|X|^a / max|W|^(1-a), with a searched per scale group in ``alphas`` (and s = 1)

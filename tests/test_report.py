@@ -78,7 +78,7 @@ def run(
     window: tuple[int, int] = (2, 1),
     loss: tuple[str, bool] = ("l2_kl", True),
     cfp: str = "weight_act",
-    rounding: tuple[str, int] = ("lora", 5),
+    rounding: tuple[str, int] = ("adaround", 5),
     **extra: Any,
 ) -> dict[str, Any]:
     """A results.json payload; ``extra`` adds top-level keys (stats, timing_s, memory)."""
