@@ -347,12 +347,13 @@ def label_rank(labels: Sequence[str]) -> Callable[[tuple[Any, ...]], int]:
 
 
 def rounding_label(record: Record) -> str:
+    """The rounding kind, and ", sigmoid" for the paper's form (offset is the default)."""
     kind = lookup(record, "rounding.kind")
-    if kind == "lora":
-        return f"lora r={lookup(record, 'rounding.rank')}"
-    return {"nearest": "nearest (no rounding learning)", "adaround": "adaround (full rank)"}.get(
-        kind, str(kind)
-    )
+    if kind == "nearest":
+        return "nearest (no rounding learning)"
+    label = f"lora r={lookup(record, 'rounding.rank')}" if kind == "lora" else None
+    label = label or {"adaround": "adaround (full rank)"}.get(kind, str(kind))
+    return label + (", sigmoid" if lookup(record, "rounding.form") == "sigmoid" else "")
 
 
 def loss_label(record: Record) -> str:
@@ -367,6 +368,8 @@ def cfp_label(record: Record) -> str:
     variant = [] if distance in (None, "mean") else [str(distance)]
     variant += ["log"] if lookup(record, "cfp.log_space") else []
     variant += ["migrate"] if lookup(record, "cfp.act_rule") == "migrate" else []
+    variant += ["per group"] if lookup(record, "cfp.weight_scope") == "group" else []
+    variant += ["to reserved"] if lookup(record, "cfp.clip_to") == "reserved" else []
     return label + (f" ({', '.join(variant)})" if variant else "")
 
 
@@ -376,8 +379,8 @@ def cfp_label(record: Record) -> str:
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "window": ("size", "overlap"),
     "loss": ("kind", "homologous", "l2_relative"),
-    "cfp": ("mode", "distance", "log_space", "act_rule"),
-    "rounding": ("kind", "rank"),
+    "cfp": ("mode", "distance", "log_space", "act_rule", "weight_scope", "clip_to"),
+    "rounding": ("kind", "rank", "form"),
 }
 _DEFAULTS = {
     "window": WindowConfig(),

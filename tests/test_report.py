@@ -21,6 +21,7 @@ from cbq.report import (
     markdown,
     matching,
     pivot,
+    rounding_label,
     setting,
     table_csv,
     table_markdown,
@@ -311,12 +312,16 @@ def test_table7_cfp_mode_by_setting(tmp_path):
     migrated = run(quant="w4a4", ppl={"wiki": 30.0})
     migrated["config"]["cfp"] |= {"act_rule": "migrate"}
     sweep.add(migrated)
+    grouped = run(quant="w4a4", cfp="weight", ppl={"wiki": 47.0})
+    grouped["config"]["cfp"] |= {"weight_scope": "group", "clip_to": "reserved"}
+    sweep.add(grouped)
     assert rows(build_table(load_results(tmp_path), 7)) == [
         ["cfp", "setting", "smol wiki", "smol truncated weights"],
         ["none", "w4a4", "45.90", "0"],
         ["none", "w8a8", "46.90", "0"],
         ["weight", "w4a4", "45.10", "7"],
         ["weight", "w8a8", "46.10", "7"],
+        ["weight (per group, to reserved)", "w4a4", "47.00", "-"],
         ["weight_act", "w4a4", "38.20", "-"],
         ["weight_act", "w8a8", "39.20", "-"],
         ["weight_act (gap, log)", "w4a4", "37.00", "-"],
@@ -565,3 +570,10 @@ def test_variant_rows_name_cbq_components_that_differ_from_the_paper(tmp_path, c
     ]
     main([str(tmp_path), "--rows", "variant", "--best", "min"])
     assert "| cbq (cfp: weight_act (migrate)) | **84.90** |" in capsys.readouterr().out
+
+
+def test_rounding_label_names_the_form():
+    sigmoid = run(rounding=("lora", 5))
+    sigmoid["config"]["rounding"]["form"] = "sigmoid"
+    assert rounding_label(sigmoid) == "lora r=5, sigmoid"
+    assert rounding_label(run(rounding=("adaround", 5))) == "adaround (full rank)"
