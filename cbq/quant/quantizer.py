@@ -112,6 +112,18 @@ def minmax_params(
     return scale, torch.round(-low / scale)
 
 
+def clipped_params(
+    low: torch.Tensor, high: torch.Tensor, spec: QuantSpec, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`minmax_params` with a straight-through zero point (AutoRound's), so that a
+    learned lower bound gets the gradient of the zero point it moves, not only of the step."""
+    if spec.symmetric:
+        return minmax_params(low, high, spec, eps)
+    low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
+    scale = torch.clamp((high - low) / spec.qmax, min=eps)
+    return scale, round_ste(-low / scale)
+
+
 def group_columns(t: torch.Tensor, size: int) -> torch.Tensor:
     """``(rows, in)`` as ``(rows, groups, size)``, zero-padding a partial last group."""
     pad = (-t.shape[-1]) % size
@@ -200,9 +212,9 @@ class WeightQuantizer(nn.Module):
         if self.range_learning is RangeLearning.step:
             return self.scale * self.log_gain.exp(), self.zero
         if self.range_learning is RangeLearning.clip:
-            low, high = self.range_low * self.low_factor, self.range_high * self.high_factor
-            scale, zero = minmax_params(low, high, self.spec)
-            return scale, zero
+            return clipped_params(
+                self.range_low * self.low_factor, self.range_high * self.high_factor, self.spec
+            )
         return self.scale, self.zero
 
     @torch.no_grad()
