@@ -16,12 +16,14 @@ from cbq.config import (
     ActRule,
     CFPConfig,
     CFPMode,
+    ClipTo,
     Config,
     LossConfig,
     LossKindChoice,
     QuantConfig,
     RoundingConfig,
     RoundingKind,
+    WeightScope,
     WindowConfig,
 )
 from cbq.losses import kl_distance, l2_distance, reconstruction_distance
@@ -196,7 +198,9 @@ def test_every_block_committed_and_materialized(tmp_path):
         {
             "rounding": rounding(RoundingKind.adaround),
             "loss": LossConfig(kind=LossKindChoice.kl),
-            "cfp": CFPConfig(mode=CFPMode.weight, weight_scope="group", clip_to="reserved"),
+            "cfp": CFPConfig(
+                mode=CFPMode.weight, weight_scope=WeightScope.group, clip_to=ClipTo.reserved
+            ),
         },
         {"loss": LossConfig(kind=LossKindChoice.l2_kl), "window": WindowConfig(size=1, overlap=0)},
         {"knobs": knobs(cache="disk", epochs=4), "window": WindowConfig(size=3, overlap=1)},
@@ -217,7 +221,7 @@ def test_component_variants_lower_every_window_loss(tmp_path, overrides):
     assert bool(stats["rounding_moved"]) == learned
     truncated = sum(w["truncated_weights"] for w in stats["windows"])
     assert truncated == sum(sum(c.get("weight", {}).values()) for c in stats["cfp"].values())
-    if overrides.get("cfp", CFPConfig()).weight_scope == "group":
+    if overrides.get("cfp", CFPConfig()).weight_scope is WeightScope.group:
         assert truncated > 0
 
 
