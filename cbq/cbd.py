@@ -66,6 +66,13 @@ log = logging.getLogger(__name__)
 MIN_STEP = 1e-8
 
 
+def refuse_unwanted_resume(run_dir: Path, resume: bool) -> None:
+    """``method.resume=false`` with a checkpoint in the run dir: stop rather than resume."""
+    checkpoint = run_dir / "checkpoint"
+    if not resume and checkpoint.exists():
+        raise RuntimeError(f"{checkpoint} exists and method.resume=false; delete it first")
+
+
 def window_schedule(n_blocks: int, size: int, overlap: int) -> list[tuple[int, int, int]]:
     """(start, end, commit_end) of each window: blocks [start, end) are trained together and
     blocks [start, commit_end) are committed after it."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
+from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings, refuse_unwanted_resume
 from cbq.config import (
     CFPConfig,
     CFPMode,
@@ -105,8 +105,6 @@ class AutoRound(QuantMethod):
         self, adapter: ModelAdapter, calib: torch.Tensor | None, ctx: RunContext
     ) -> dict[str, Any]:
         assert calib is not None, "AutoRound needs calibration data"
-        checkpoint = ctx.run_dir / "checkpoint"
-        if not self.cfg.resume and checkpoint.exists():
-            raise RuntimeError(f"{checkpoint} exists and method.resume=false; delete it first")
+        refuse_unwanted_resume(ctx.run_dir, self.cfg.resume)
         trainer = CBDTrainer(adapter, self.quant, self.settings(), ctx.device, ctx.run_dir, ctx.log)
         return trainer.run(calib)

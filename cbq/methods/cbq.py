@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
+from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings, refuse_unwanted_resume
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import ModelAdapter
 
@@ -48,9 +48,7 @@ class CrossBlockQuantization(QuantMethod):
         self, adapter: ModelAdapter, calib: torch.Tensor | None, ctx: RunContext
     ) -> dict[str, Any]:
         assert calib is not None, "CBQ needs calibration data"
-        checkpoint = ctx.run_dir / "checkpoint"
-        if not self.cfg.resume and checkpoint.exists():
-            raise RuntimeError(f"{checkpoint} exists and method.resume=false; delete it first")
+        refuse_unwanted_resume(ctx.run_dir, self.cfg.resume)
         settings = self.settings()
         trainer = CBDTrainer(adapter, self.quant, settings, ctx.device, ctx.run_dir, ctx.log)
         stats = trainer.run(calib)
