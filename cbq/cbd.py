@@ -339,10 +339,9 @@ class CBDTrainer:
             if act.needs_calibration:
                 groups.append(_relative_group(act.scale, knobs.lr_act_scale))
             if qlinear.rounding is not None:
-                params = list(qlinear.rounding.parameters())
-                for p in params:
-                    p.requires_grad_(True)
-                groups.append({"params": params, "lr": knobs.lr_rounding})
+                groups.append(
+                    {"params": list(qlinear.rounding.parameters()), "lr": knobs.lr_rounding}
+                )
         for group in groups:
             for p in group["params"]:
                 p.requires_grad_(True)

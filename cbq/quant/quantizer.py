@@ -98,9 +98,16 @@ def fake_quant(
 
 
 def minmax_params(
-    low: torch.Tensor, high: torch.Tensor, spec: QuantSpec, eps: float = 1e-8
+    low: torch.Tensor,
+    high: torch.Tensor,
+    spec: QuantSpec,
+    eps: float = 1e-8,
+    straight_through: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step size and zero point covering ``[min(low, 0), max(high, 0)]``."""
+    """Step size and zero point covering ``[min(low, 0), max(high, 0)]``.
+
+    ``straight_through`` rounds the zero point with a straight-through gradient (AutoRound's),
+    so that a learned lower bound also gets the gradient of the zero point it moves."""
     low = torch.clamp(low, max=0.0)
     high = torch.clamp(high, min=0.0)
     if spec.symmetric:
@@ -109,19 +116,8 @@ def minmax_params(
         scale = torch.clamp(scale, min=eps)
         return scale, torch.full_like(scale, float(half))
     scale = torch.clamp((high - low) / spec.qmax, min=eps)
-    return scale, torch.round(-low / scale)
-
-
-def clipped_params(
-    low: torch.Tensor, high: torch.Tensor, spec: QuantSpec, eps: float = 1e-8
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`minmax_params` with a straight-through zero point (AutoRound's), so that a
-    learned lower bound gets the gradient of the zero point it moves, not only of the step."""
-    if spec.symmetric:
-        return minmax_params(low, high, spec, eps)
-    low, high = torch.clamp(low, max=0.0), torch.clamp(high, min=0.0)
-    scale = torch.clamp((high - low) / spec.qmax, min=eps)
-    return scale, round_ste(-low / scale)
+    zero = -low / scale
+    return scale, round_ste(zero) if straight_through else torch.round(zero)
 
 
 def group_columns(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -212,9 +208,8 @@ class WeightQuantizer(nn.Module):
         if self.range_learning is RangeLearning.step:
             return self.scale * self.log_gain.exp(), self.zero
         if self.range_learning is RangeLearning.clip:
-            return clipped_params(
-                self.range_low * self.low_factor, self.range_high * self.high_factor, self.spec
-            )
+            low, high = self.range_low * self.low_factor, self.range_high * self.high_factor
+            return minmax_params(low, high, self.spec, straight_through=True)
         return self.scale, self.zero
 
     @torch.no_grad()
