@@ -152,3 +152,14 @@ def test_wandb_group_and_tags():
     assert tracking_labels(cfg) == ("ablation", ["smollm2-135m", "w4a8", "cbq", "mine"])
     fp = _config("method=fp", "quant=w4a8")
     assert tracking_labels(fp) == (None, ["smollm2-135m", "fp"])
+
+
+def test_the_main_table_gives_every_method_the_same_calibration_and_protocol():
+    jobs = expand_jobs(table_config("main_weight_only"))
+    methods = {arg.split("=", 1)[1] for job in jobs for arg in job if arg.startswith("method=")}
+    assert methods == {"fp", "rtn", "gptq", "awq", "omniquant_cpu", "autoround_cpu", "cbq"}
+    for job in (jobs[0], jobs[-1]):
+        cfg = validate(table_config("main_weight_only", *job, hydra=False))
+        assert (cfg.data.n_samples, cfg.data.seqlen, cfg.data.eval_seqlen) == (32, 512, 512)
+        assert cfg.data.calib == "wiki-sample"
+        assert list(cfg.data.eval) == ["wiki-sample", "lee-news"]

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from cbq.quant import ActQuantizer, Granularity, QuantSpec, WeightQuantizer, fake_quant
+from cbq.quant.quantizer import RangeLearning, offset_fake_quant, round_ste
+from cbq.quant.rounding import AdaRound
 
 T = torch.tensor
 
@@ -183,6 +185,68 @@ def test_lsq_step_size_and_zero_point_gradients():
         expected_dz = -0.5 if (clipped_low or clipped_high) else 0.0
         assert scale.grad.item() == pytest.approx(expected_ds, abs=1e-6), i
         assert zero.grad.item() == pytest.approx(expected_dz, abs=1e-6), i
+
+
+def composed_offset_fake_quant(x, scale, zero, qmax, offset):
+    """The oracle: the same quantizer built from autograd's ops (straight-through floor and
+    rounding offsets, as the sigmoid form's path still does)."""
+    scaled = x.detach() / scale.detach()
+    offsets = round_ste(scaled + offset.clamp(-0.5, 0.5)) - scaled.floor()
+    return fake_quant(x, scale, zero, qmax, offsets)
+
+
+@pytest.mark.parametrize("param_shape", [(1, 1, 1), (6, 1, 1), (6, 3, 1)])
+def test_the_fused_offset_quantizer_equals_autograd_composition(param_shape):
+    """Values and every gradient (x, step size, zero point, offset), with codes clamped at
+    both ends and offsets beyond +-0.5."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 16, generator=g) * 3
+    scale = (torch.rand(param_shape, generator=g) * 0.5 + 0.3).requires_grad_(True)
+    zero = (torch.rand(param_shape, generator=g) * 3 + 2).requires_grad_(True)
+    offset = (torch.rand(6, 3, 16, generator=g) * 1.6 - 0.8).requires_grad_(True)
+    x.requires_grad_(True)
+    weights = torch.randn(6, 3, 16, generator=g)
+    grads = []
+    for quantize in (offset_fake_quant, composed_offset_fake_quant):
+        for t in (x, scale, zero, offset):
+            t.grad = None
+        out = quantize(x, scale, zero, 7, offset)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), *(t.grad.clone() for t in (x, scale, zero, offset))))
+    assert grads[0][3].abs().sum() > 0 and (grads[0][4] == 0).float().mean() > 0.2
+    for fused, composed in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, composed)
+
+
+@pytest.mark.parametrize("mode", [RangeLearning.none, RangeLearning.step, RangeLearning.clip])
+def test_weight_quantizer_with_offset_rounding_equals_the_composed_path(mode):
+    """A partial last group (40 = 16 + 16 + 8), learned ranges and an AdaRound offset."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(5, 40, generator=g)
+    spec = QuantSpec(bits=3, granularity=Granularity.per_group, group_size=16)
+    quantizer = WeightQuantizer(spec, weight)
+    params = quantizer.learn_range(mode, weight)
+    with torch.no_grad():
+        for p in params:
+            p.uniform_(0.6, 1.0) if mode is RangeLearning.clip else p.uniform_(-0.3, 0.3)
+    rounding = AdaRound(weight)
+    with torch.no_grad():
+        rounding.d.uniform_(-0.7, 0.7, generator=g)
+    fused = quantizer(weight, rounding)
+    fused.pow(2).sum().backward()
+    fused_grads = [p.grad.clone() for p in [*params, rounding.d]]
+    for p in [*params, rounding.d]:
+        p.grad = None
+    scale, zero = quantizer.params()
+    grouped = quantizer.grouped(weight)
+    composed = composed_offset_fake_quant(
+        grouped, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.qmax, quantizer.grouped(rounding.d)
+    )
+    composed = quantizer.ungrouped(composed, weight)
+    composed.pow(2).sum().backward()
+    torch.testing.assert_close(fused, composed)
+    for fused_grad, p in zip(fused_grads, [*params, rounding.d], strict=True):
+        torch.testing.assert_close(fused_grad, p.grad)
 
 
 def test_learnable_weight_scale_reduces_error_with_gradient_steps():

@@ -20,15 +20,15 @@ window's ~100 steps (1-2 of 73,728 weights moved). The docs compare the two form
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 
 import torch
 from torch import nn
 
-from cbq.quant.quantizer import round_ste
+from cbq.quant.quantizer import OFFSET_BOUND, round_ste
 
 ZETA, GAMMA = 1.1, -0.1
-OFFSET_BOUND = 0.5
 
 
 class RoundingForm(StrEnum):
@@ -79,6 +79,12 @@ class LearnedRounding(nn.Module):
             return (variable >= 0).to(scaled.dtype)
         self._last_soft = rectified_sigmoid(variable)
         return self._last_soft
+
+    @property
+    def additive_offset(self) -> Callable[[], torch.Tensor] | None:
+        """The offset form's ``D``, for :func:`cbq.quant.quantizer.offset_fake_quant` to add
+        to ``W/s`` (clamped to +-0.5) before rounding; None for the sigmoid form."""
+        return self.deviation if self.form is RoundingForm.offset else None
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """Regulariser on the soft offsets of the latest forward pass (sigmoid form)."""
