@@ -107,7 +107,7 @@ class _OffsetFakeQuant(torch.autograd.Function):
     composition costs about five times a SmolLM2 block's matmuls at batch 1 x 256 tokens."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero, offset, qmax, bound):  # noqa: ANN001, ANN205
+    def forward(ctx, x, scale, zero, offset, qmax, bound):
         zero_int = zero.round()
         scaled = x / scale
         codes = scaled.clone() if offset is None else scaled + offset.clamp(-bound, bound)
@@ -123,7 +123,7 @@ class _OffsetFakeQuant(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         scale, step_slope, outside, offset_blocked = ctx.saved_tensors
         need_x, need_scale, need_zero, need_offset = ctx.needs_input_grad[:4]
         grad_x = grad_scale = grad_zero = grad_offset = None
