@@ -64,6 +64,8 @@ from cbq.quant.rounding import AdaRound, LearnedRounding, LoRARounding
 
 log = logging.getLogger(__name__)
 MIN_STEP = 1e-8
+# Calibration samples scored together when a window's per-sample distances are measured.
+SCORING_BATCH = 8
 
 
 def refuse_unwanted_resume(run_dir: Path, resume: bool) -> None:
@@ -457,18 +459,29 @@ class CBDTrainer:
 
     @torch.no_grad()
     def _sample_distances(self, start: int, end: int) -> torch.Tensor:
-        """The window's reconstruction distance of every calibration sample (no regulariser)."""
+        """The window's reconstruction distance of every calibration sample (no regulariser),
+        run in batches (a batch's distance is the mean of its samples')."""
         n = self.store.get("x_q").shape[0]
-        return torch.tensor(
-            [self._distance(start, end, torch.tensor([i])).item() for i in range(n)]
-        )
+        distances = []
+        for chunk in torch.arange(n).split(SCORING_BATCH):
+            output = self._output(start, end, chunk)
+            distances += [
+                self._distance_of(output[i : i + 1], chunk[i : i + 1]).item()
+                for i in range(len(chunk))
+            ]
+        return torch.tensor(distances)
 
     def _evaluate(self, start: int, end: int) -> float:
         return self._sample_distances(start, end).mean().item()
 
-    def _distance(self, start: int, end: int, index: torch.Tensor) -> torch.Tensor:
+    def _output(self, start: int, end: int, index: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.knobs.bf16):
-            output = self._forward(start, end, self.store.batch("x_q", index))
+            return self._forward(start, end, self.store.batch("x_q", index))
+
+    def _distance(self, start: int, end: int, index: torch.Tensor) -> torch.Tensor:
+        return self._distance_of(self._output(start, end, index), index)
+
+    def _distance_of(self, output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         targets = ["y", "y_h"] if self.s.loss.homologous else ["y"]
         loss = self.s.loss
         return sum(
