@@ -4,8 +4,11 @@ A SmolLM2-135M-sized Llama block (random weights, no download) runs on batch x s
 tokens, plain and wrapped in QuantLinear at several settings, interleaved round by round so
 that machine noise hits every variant alike. Reports the median time and the ratio to the
 plain block, with the learnable step sizes receiving gradients as in block reconstruction.
+The last two variants train as CBQ and AutoRound do (log step sizes and a full-rank rounding
+offset): through the fused quantizer (``offset_fake_quant``), and through autograd's
+composition of the same straight-through ops, the quantizer before it.
 
-    python -m benchmarks.fakequant_overhead [--seqlen 2048] [--rounds 5]
+    python -m benchmarks.fakequant_overhead [--seqlen 2048] [--batch 1] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cbq.config import QuantConfig
 from cbq.models import adapter_for
 from cbq.quant import quant_linears, wrap_block
+from cbq.quant.quantizer import RangeLearning
+from cbq.quant.rounding import AdaRound
 
 SETTINGS = {
     "w4a16 (per-channel)": QuantConfig(name="w4a16"),
@@ -32,6 +37,15 @@ SETTINGS = {
         name="w4a4", a_bits=4, a_granularity="per_token", a_dynamic=True
     ),
 }
+
+
+W3G128 = SETTINGS["w3a16g128"]
+
+
+class ComposedOffset(AdaRound):
+    """The offset form through the generic rounding path (autograd's ops, no fused kernel)."""
+
+    additive_offset = None
 
 
 def smollm2_sized_model() -> torch.nn.Module:
@@ -49,7 +63,9 @@ def smollm2_sized_model() -> torch.nn.Module:
     return LlamaForCausalLM(config).float()
 
 
-def make_variant(model: torch.nn.Module, quant: QuantConfig | None) -> torch.nn.Module:
+def make_variant(
+    model: torch.nn.Module, quant: QuantConfig | None, rounding: type[AdaRound] | None = None
+) -> torch.nn.Module:
     variant = copy.deepcopy(model)
     if quant is None:
         return variant
@@ -57,6 +73,10 @@ def make_variant(model: torch.nn.Module, quant: QuantConfig | None) -> torch.nn.
     block = adapter.blocks()[0]
     wrap_block(block, adapter.linear_names(), quant.weight_spec(), quant.act_spec())
     for _, qlinear in quant_linears(block):
+        if rounding is not None:
+            qlinear.weight_quantizer.learn_range(RangeLearning.step, qlinear.weight)
+            qlinear.rounding = rounding(qlinear.weight)
+            continue
         qlinear.weight_quantizer.scale.requires_grad_(True)
         act = qlinear.act_quantizer
         if act.needs_calibration:  # a fixed range is enough to time the forward
@@ -87,6 +107,8 @@ def main() -> None:
     base = smollm2_sized_model()
     variants = {"plain block": make_variant(base, None)}
     variants.update({name: make_variant(base, quant) for name, quant in SETTINGS.items()})
+    variants["w3a16g128, step + offset, fused"] = make_variant(base, W3G128, AdaRound)
+    variants["w3a16g128, step + offset, composed"] = make_variant(base, W3G128, ComposedOffset)
     hidden = torch.randn(args.batch, args.seqlen, 576)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for model in variants.values():  # warm-up
