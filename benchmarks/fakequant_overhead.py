@@ -6,7 +6,8 @@ that machine noise hits every variant alike. Reports the median time and the rat
 plain block, with the learnable step sizes receiving gradients as in block reconstruction.
 The last two variants train as CBQ and AutoRound do (log step sizes and a full-rank rounding
 offset): through the fused quantizer (``offset_fake_quant``), and through autograd's
-composition of the same straight-through ops, the quantizer before it.
+composition of the same straight-through ops, the quantizer before it; and two variants run
+under bf16 autocast (``method.bf16=true``).
 
     python -m benchmarks.fakequant_overhead [--seqlen 2048] [--batch 1] [--rounds 5]
 """
@@ -87,13 +88,14 @@ def make_variant(
     return variant
 
 
-def time_step(model: torch.nn.Module, hidden: torch.Tensor) -> float:
+def time_step(model: torch.nn.Module, hidden: torch.Tensor, bf16: bool = False) -> float:
     adapter = adapter_for(model)
     ctx = adapter.block_context(hidden)
     inputs = hidden.clone().requires_grad_(True)
     start = time.perf_counter()
-    out = adapter.forward_block(0, inputs, ctx)
-    out.pow(2).mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = adapter.forward_block(0, inputs, ctx)
+    out.float().pow(2).mean().backward()
     return time.perf_counter() - start
 
 
@@ -109,13 +111,18 @@ def main() -> None:
     variants.update({name: make_variant(base, quant) for name, quant in SETTINGS.items()})
     variants["w3a16g128, step + offset, fused"] = make_variant(base, W3G128, AdaRound)
     variants["w3a16g128, step + offset, composed"] = make_variant(base, W3G128, ComposedOffset)
+    bf16 = {"plain block, bf16 autocast", "w3a16g128, step + offset, fused, bf16 autocast"}
+    variants["plain block, bf16 autocast"] = variants["plain block"]
+    variants["w3a16g128, step + offset, fused, bf16 autocast"] = variants[
+        "w3a16g128, step + offset, fused"
+    ]
     hidden = torch.randn(args.batch, args.seqlen, 576)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for model in variants.values():  # warm-up
-        time_step(model, hidden)
+    for name, model in variants.items():  # warm-up
+        time_step(model, hidden, name in bf16)
     for _ in range(args.rounds):
         for name, model in variants.items():
-            times[name].append(time_step(model, hidden))
+            times[name].append(time_step(model, hidden, name in bf16))
 
     plain = statistics.median(times["plain block"])
     print(
