@@ -35,6 +35,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,11 @@ def window_schedule(n_blocks: int, size: int, overlap: int) -> list[tuple[int, i
         start += stride
 
 
+class BestRule(StrEnum):
+    relative = "relative"
+    batch = "batch"
+
+
 @dataclass
 class TrainerKnobs:
     """The trainer's own knobs; ``method=cbq`` exposes them as fields of its CBQConfig."""
@@ -110,9 +116,12 @@ class TrainerKnobs:
     # signsgd moves every variable by exactly lr a step (AutoRound's); adam by about lr.
     optimizer: OptimizerKind = OptimizerKind.signsgd
     lr_schedule: LRSchedule = LRSchedule.linear
-    # Keep the window's best iterate (lowest window loss over the calibration set): the
-    # lowest-loss step's variables replace the last ones when they score better.
+    # Keep the window's best iterate. best_rule=relative: the step whose batch loss is lowest
+    # relative to the same samples' initial loss, kept when it also beats the last step on
+    # the whole calibration set; best_rule=batch (AutoRound's): the step with the lowest raw
+    # batch loss, kept as it is.
     keep_best: bool = True
+    best_rule: BestRule = BestRule.relative
     bf16: bool = False
     # Where cached activations live: cpu, device or disk (memory-mapped).
     cache: str = "cpu"
@@ -409,8 +418,8 @@ class CBDTrainer:
                 "check the calibration data.",
                 bar.close,
             )
-            if best is not None:  # scored against the same samples' initial distance
-                best.offer(distance / initial[index].mean().clamp_min(1e-30).item(), step)
+            if best is not None:
+                best.offer(self._best_score(distance, initial[index]), step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -427,7 +436,7 @@ class CBDTrainer:
         with _hardened(roundings):
             record["loss_hard"], record["best_step"] = self._evaluate(start, end), None
             if best is not None and 0 <= best.step < steps - 1:
-                record["loss_hard"], record["best_step"] = self._keep_better(
+                record["loss_hard"], record["best_step"] = self._keep_best(
                     best, start, end, record["loss_hard"]
                 )
             record |= self._rounding_moved(start, end)
@@ -435,15 +444,22 @@ class CBDTrainer:
         record |= self._clip_range(start, end)
         return record
 
-    def _keep_better(
+    def _best_score(self, distance: float, initial: torch.Tensor) -> float:
+        if self.s.knobs.best_rule is BestRule.batch:
+            return distance
+        # Against the same samples' initial distance, so that easy batches do not win.
+        return distance / initial.mean().clamp_min(1e-30).item()
+
+    def _keep_best(
         self, best: _BestIterate, start: int, end: int, last_loss: float
     ) -> tuple[float, int | None]:
-        """Score the best step's variables on the whole calibration set and keep the better
-        of them and the last ones: (its loss, the step kept, or None for the last)."""
+        """Load the best step's variables; under best_rule=relative only when they also score
+        better than the last ones on the whole calibration set. Returns the loss on the
+        calibration set and the step kept (None for the last)."""
         last = best.snapshot()
         best.load(best.saved)
         best_loss = self._evaluate(start, end)
-        if best_loss < last_loss:
+        if best_loss < last_loss or self.s.knobs.best_rule is BestRule.batch:
             return best_loss, best.step
         best.load(last)
         return last_loss, None
@@ -653,8 +669,7 @@ class CBDTrainer:
 
 
 class _BestIterate:
-    """The variables at the step with the lowest score seen so far (a batch's distance over
-    the same samples' initial distance, so that easy batches do not win by being easy)."""
+    """The variables at the step with the lowest score seen so far (``_best_score``)."""
 
     def __init__(self, params: list[nn.Parameter]):
         self.params, self.score, self.step = params, math.inf, -1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cbq.cbd import BestRule
 from cbq.config import Config, QuantConfig
 from cbq.methods import RunContext, method_config, method_problems
 from cbq.methods.autoround import AutoRound, AutoRoundConfig
@@ -56,6 +57,7 @@ def test_the_recipe_is_autorounds(tmp_path):
     knobs = settings.knobs
     assert (knobs.iters, knobs.batch_size, knobs.lr_rounding) == (50, 8, pytest.approx(1 / 50))
     assert knobs.optimizer is OptimizerKind.signsgd and knobs.keep_best
+    assert knobs.best_rule is BestRule.batch
     assert knobs.weight_range is RangeLearning.clip and knobs.lr_weight_scale == knobs.lr_rounding
     assert (settings.window.size, settings.window.overlap, settings.loss.homologous) == (
         1,

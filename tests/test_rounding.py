@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
+from cbq.cbd import BestRule, CBDTrainer, TrainerKnobs, TrainerSettings, _BestIterate
 from cbq.config import CFPConfig, CFPMode, QuantConfig, RoundingConfig, RoundingKind
 from cbq.models import adapter_for, tiny_model
 from cbq.optim import LRSchedule, SignSGD, schedule_factor
@@ -181,6 +181,30 @@ def test_keep_best_undoes_a_destructive_window(tmp_path):
     last = _train(tmp_path / "last", rounding, keep_best=False, **wreck)["windows"][0]
     assert last["loss_hard"] > 1.2 * last["loss_init"]
     assert kept["best_step"] == 0 and kept["loss_hard"] == pytest.approx(kept["loss_init"])
+
+
+@pytest.mark.parametrize("rule", [BestRule.relative, BestRule.batch])
+def test_the_best_rules(tmp_path, monkeypatch, rule):
+    """relative: a batch's loss over the same samples' initial loss, and the best step kept
+    only if it beats the last on the whole calibration set; batch (AutoRound's): the raw
+    batch loss, and the best step kept as it is."""
+    settings = TrainerSettings(knobs=TrainerKnobs(best_rule=rule))
+    trainer = CBDTrainer(
+        adapter_for(tiny_model("llama")), W2G16, settings, torch.device("cpu"), tmp_path
+    )
+    score = trainer._best_score(0.5, torch.tensor([1.0, 3.0]))
+    assert score == (0.25 if rule is BestRule.relative else 0.5)
+    variable = torch.nn.Parameter(torch.tensor([1.0]))
+    best = _BestIterate([variable])
+    best.offer(0.1, step=3)
+    with torch.no_grad():
+        variable.fill_(2.0)  # the last step's value, which scores 1.0 on the whole set
+    monkeypatch.setattr(trainer, "_evaluate", lambda start, end: 5.0)  # the best step's
+    loss, step = trainer._keep_best(best, 0, 1, last_loss=1.0)
+    if rule is BestRule.relative:
+        assert (loss, step, variable.item()) == (1.0, None, 2.0)
+    else:
+        assert (loss, step, variable.item()) == (5.0, 3, 1.0)
 
 
 def test_iters_sets_the_steps_per_window(tmp_path):

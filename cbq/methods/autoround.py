@@ -5,13 +5,15 @@ Every linear of a block learns a rounding offset ``V`` (``round(W/s + V)``, ``V`
 max (step size and zero point follow by min-max). Signed gradient descent, ``lr = 1 / iters``
 decayed linearly to 0, ``iters`` steps on random batches of ``batch_size`` calibration
 sequences, the block-output MSE against the FP block on the FP stream, the quantized stream
-as the block's input (AutoRound's ``enable_quanted_input``), and the best iterate kept.
+as the block's input (AutoRound's ``enable_quanted_input``), and the iterate with the lowest
+batch loss kept.
 
 This is the CBD trainer (:mod:`cbq.cbd`) with AutoRound's recipe: windows of one block
 without overlap, plain L2 without homologous targets, no CFP, ``rounding=adaround`` in the
-offset form, ``weight_range=clip``, SignSGD. One difference: AutoRound keeps the iterate with
-the lowest *batch* loss; here that iterate is kept only when it also scores better than the
-last one on the whole calibration set (:meth:`cbq.cbd.CBDTrainer._keep_better`).
+offset form, ``weight_range=clip``, SignSGD, ``best_rule=batch``. ``method.best_rule=relative``
+gives it CBQ's rule instead (cbq.cbd.TrainerKnobs); on SmolLM2 that rule kept steps that clip
+more in the middle blocks, which cost perplexity on long evaluation windows
+(docs/cbq_components.md).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings, refuse_unwanted_resume
+from cbq.cbd import BestRule, CBDTrainer, TrainerKnobs, TrainerSettings, refuse_unwanted_resume
 from cbq.config import (
     CFPConfig,
     CFPMode,
@@ -49,6 +51,8 @@ class AutoRoundConfig(MethodConfig):
     # Learning rate of the min/max factors; null: lr.
     minmax_lr: float | None = None
     minmax_tuning: bool = True
+    # batch: keep the step with the lowest raw batch loss (AutoRound's); relative: CBQ's rule.
+    best_rule: BestRule = BestRule.batch
     bf16: bool = False
     # Where cached activations live: cpu, device or disk.
     cache: str = "cpu"
@@ -89,6 +93,7 @@ class AutoRound(QuantMethod):
             optimizer=OptimizerKind.signsgd,
             lr_schedule=LRSchedule.linear,
             keep_best=True,
+            best_rule=cfg.best_rule,
             bf16=cfg.bf16,
             cache=cfg.cache,
         )
