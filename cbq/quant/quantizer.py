@@ -104,7 +104,8 @@ class _OffsetFakeQuant(torch.autograd.Function):
 
     The same straight-through gradients as the composition of :func:`round_ste` /
     :func:`fake_quant` (which a test checks), computed in place: autograd's graph of that
-    composition costs about five times a SmolLM2 block's matmuls at batch 1 x 256 tokens."""
+    composition costs more than a SmolLM2 block's matmuls at batch 1 x 256 tokens (README,
+    "Fake-quant overhead")."""
 
     @staticmethod
     def forward(ctx, x, scale, zero, offset, qmax, bound):
@@ -115,9 +116,10 @@ class _OffsetFakeQuant(torch.autograd.Function):
         outside = (codes < 0).logical_or_(codes > qmax)
         codes.clamp_(0, qmax).sub_(zero_int)  # q - z
         out = codes * scale
+        need_scale, need_offset = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         # dQ/ds (LSQ): (q - z) - x/s inside the range, (q - z) outside.
-        step_slope = codes.sub_(scaled.masked_fill_(outside, 0))
-        offset_blocked = None if offset is None else outside | (offset.abs() > bound)
+        step_slope = codes.sub_(scaled.masked_fill_(outside, 0)) if need_scale else None
+        offset_blocked = outside | (offset.abs() > bound) if need_offset else None
         ctx.save_for_backward(scale, step_slope, outside, offset_blocked)
         ctx.zero_shape = zero.shape
         return out
