@@ -20,15 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cbq.models import adapter_for
 from cbq.models.loader import load_model
 from cbq.quant.quantizer import group_columns
-
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODULE = {
-    name: ("self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp")
-    for name in LINEARS
-}
-
 
 def clipped_share(quantized: torch.Tensor, weight: torch.Tensor, size: int = 128) -> float:
     q, w = group_columns(quantized, size), group_columns(weight, size)
@@ -51,13 +45,13 @@ def main() -> None:
     other = load_file(str(args.other))
     model, _ = load_model(args.model, None, cache_dir=Path("~/.cache/cbq").expanduser())
     fp = model.state_dict()
+    linears = adapter_for(model).linear_names()  # "self_attn.q_proj", ...
     print("clipped groups (< 0.7 of the FP range) and relative error, checkpoint / other\n")
-    print("| block | " + " | ".join(LINEARS) + " |")
-    print("|---" * (len(LINEARS) + 1) + "|")
+    print("| block | " + " | ".join(key.split(".")[-1] for key in linears) + " |")
+    print("|---" * (len(linears) + 1) + "|")
     for index in sorted(ours):
         cells = []
-        for name in LINEARS:
-            key = f"{MODULE[name]}.{name}"
+        for key in linears:
             weight = fp[f"model.layers.{index}.{key}.weight"]
             a = ours[index][f"{key}.linear.weight"]
             b = other[f"model.layers.{index}.{key}.weight"].float()
