@@ -24,6 +24,7 @@ from cbq.models import adapter_for
 from cbq.models.loader import load_model
 from cbq.quant.quantizer import group_columns
 
+
 def clipped_share(quantized: torch.Tensor, weight: torch.Tensor, size: int = 128) -> float:
     q, w = group_columns(quantized, size), group_columns(weight, size)
     high = q.amax(-1) / w.amax(-1).clamp_min(1e-8)
