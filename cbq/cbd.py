@@ -16,7 +16,8 @@ blocks, and ``x_fp``, the FP model's hidden states at the same depth. For a wind
    committed blocks only, so no block runs twice per advance.
 
 Every window records what it did (``stats["windows"]``): optimizer steps, the window loss
-before training (RTN at the initial ranges), at the end and after hardening, the fraction of
+before training (RTN at the initial ranges), at the end and after hardening, the L2 and KL
+terms of the loss before training and after hardening (their balance), the fraction of
 weights whose learned rounding differs from round-to-nearest, the weights CFP truncated.
 
 After every window a checkpoint (streams + block states) is written atomically; a run
@@ -56,7 +57,7 @@ from cbq.config import (
     WeightScope,
     WindowConfig,
 )
-from cbq.losses import check_finite, reconstruction_distance
+from cbq.losses import check_finite, reconstruction_terms
 from cbq.models.adapter import ModelAdapter
 from cbq.optim import LRSchedule, OptimizerKind, build_optimizer, build_scheduler
 from cbq.quant import QuantLinear, observing_activations, quant_linears, wrap_block
@@ -247,10 +248,7 @@ class CBDTrainer:
             sum(self.stats["cfp"][i].get("weight", {}).values()) for i in entering
         )
         self.stats["windows"].append(record)
-        self.log_metrics(
-            {"cbq/window": number}
-            | {f"cbq/{k}": v for k, v in record.items() if isinstance(v, int | float)}
-        )
+        self.log_metrics({"cbq/window": number} | _numbers(record, "cbq"))
 
     def _prepare(self, index: int, x_fp: torch.Tensor) -> None:
         """CFP, the FP target copy, wrapping, activation ranges and rounding for one block."""
@@ -390,10 +388,12 @@ class CBDTrainer:
         steps = self.steps_per_window(n) if groups else 0
         record: dict[str, Any] = {"blocks": [start, end], "steps": steps}
         with _hardened(roundings):  # RTN at the initial ranges, whatever the rounding's form
-            initial = self._sample_distances(start, end)
+            initial, initial_terms = self._sample_distances(start, end)
         record["loss_init"] = initial.mean().item()
+        record["loss_terms_init"] = initial_terms
         if steps == 0:
             record["final_loss"] = record["loss_hard"] = record["loss_init"]
+            record["loss_terms_hard"] = initial_terms
             return record
         optimizer = build_optimizer(self.s.knobs.optimizer, groups)
         scheduler = build_scheduler(optimizer, self.s.knobs.lr_schedule, steps)
@@ -432,13 +432,12 @@ class CBDTrainer:
         tail = losses[-max(1, len(losses) // 10) :]
         record["train_loss_tail"] = sum(tail) / len(tail)
         if not all(r.hard for r in roundings):
-            record["loss_soft"] = self._evaluate(start, end)
+            record["loss_soft"] = self._evaluate(start, end).loss
         with _hardened(roundings):
-            record["loss_hard"], record["best_step"] = self._evaluate(start, end), None
+            hard, record["best_step"] = self._evaluate(start, end), None
             if best is not None and 0 <= best.step < steps - 1:
-                record["loss_hard"], record["best_step"] = self._keep_best(
-                    best, start, end, record["loss_hard"]
-                )
+                hard, record["best_step"] = self._keep_best(best, start, end, hard)
+            record["loss_hard"], record["loss_terms_hard"] = hard.loss, hard.terms
             record |= self._rounding_moved(start, end)
         record["final_loss"] = record["loss_hard"]
         record |= self._clip_range(start, end)
@@ -451,18 +450,18 @@ class CBDTrainer:
         return distance / initial.mean().clamp_min(1e-30).item()
 
     def _keep_best(
-        self, best: _BestIterate, start: int, end: int, last_loss: float
-    ) -> tuple[float, int | None]:
+        self, best: _BestIterate, start: int, end: int, last_score: Score
+    ) -> tuple[Score, int | None]:
         """Load the best step's variables; under best_rule=relative only when they also score
-        better than the last ones on the whole calibration set. Returns the loss on the
+        better than the last ones on the whole calibration set. Returns the score on the
         calibration set and the step kept (None for the last)."""
         last = best.snapshot()
         best.load(best.saved)
-        best_loss = self._evaluate(start, end)
-        if best_loss < last_loss or self.s.knobs.best_rule is BestRule.batch:
-            return best_loss, best.step
+        best_score = self._evaluate(start, end)
+        if best_score.loss < last_score.loss or self.s.knobs.best_rule is BestRule.batch:
+            return best_score, best.step
         best.load(last)
-        return last_loss, None
+        return last_score, None
 
     def _project(self, groups: list[dict[str, Any]], start: int, end: int) -> None:
         with torch.no_grad():
@@ -474,34 +473,38 @@ class CBDTrainer:
                 qlinear.weight_quantizer.project_range()
 
     @torch.no_grad()
-    def _sample_distances(self, start: int, end: int) -> torch.Tensor:
+    def _sample_distances(self, start: int, end: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The window's reconstruction distance of every calibration sample (no regulariser),
-        run in batches (a batch's distance is the mean of its samples')."""
+        run in batches, and the calibration-set mean of each of the distance's terms."""
         n = self.store.get("x_q").shape[0]
-        distances = []
+        distances, term_sums = [], {}
         for chunk in torch.arange(n).split(SCORING_BATCH):
             output = self._output(start, end, chunk)
-            distances += [
-                self._distance_of(output[i : i + 1], chunk[i : i + 1]).item()
-                for i in range(len(chunk))
-            ]
-        return torch.tensor(distances)
+            for i in range(len(chunk)):
+                terms = self._terms_of(output[i : i + 1], chunk[i : i + 1])
+                distances.append(sum(terms.values()).item())
+                for name, value in terms.items():
+                    term_sums[name] = term_sums.get(name, 0.0) + value.item()
+        return torch.tensor(distances), {name: total / n for name, total in term_sums.items()}
 
-    def _evaluate(self, start: int, end: int) -> float:
-        return self._sample_distances(start, end).mean().item()
+    def _evaluate(self, start: int, end: int) -> Score:
+        distances, terms = self._sample_distances(start, end)
+        return Score(distances.mean().item(), terms)
 
     def _output(self, start: int, end: int, index: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.knobs.bf16):
             return self._forward(start, end, self.store.batch("x_q", index))
 
     def _distance(self, start: int, end: int, index: torch.Tensor) -> torch.Tensor:
-        return self._distance_of(self._output(start, end, index), index)
+        terms = self._terms_of(self._output(start, end, index), index)
+        return sum(terms.values())
 
-    def _distance_of(self, output: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _terms_of(self, output: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The distance's terms (l2, kl), each averaged over the targets (normal, homologous)."""
         targets = ["y", "y_h"] if self.s.loss.homologous else ["y"]
         loss = self.s.loss
-        return sum(
-            reconstruction_distance(
+        per_target = [
+            reconstruction_terms(
                 output,
                 self.store.batch(name, index),
                 loss.kind.value,
@@ -510,7 +513,8 @@ class CBDTrainer:
                 loss.l2_relative,
             )
             for name in targets
-        ) / len(targets)
+        ]
+        return {term: sum(t[term] for t in per_target) / len(targets) for term in per_target[0]}
 
     def _loss(
         self,
@@ -666,6 +670,25 @@ class CBDTrainer:
         self.stats = state["stats"] | {"resumed_at_window": state["next_window"]}
         log.info("resumed CBQ from %s at window %d", self.checkpoint_path, state["next_window"])
         return state["next_window"]
+
+
+def _numbers(record: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The numbers of a window's record as flat metric names (``cbq/loss_terms_init/kl``)."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat |= _numbers(value, f"{prefix}/{key}")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}/{key}"] = value
+    return flat
+
+
+@dataclass(frozen=True)
+class Score:
+    """A window's reconstruction distance on the whole calibration set, and its terms'."""
+
+    loss: float
+    terms: dict[str, float]
 
 
 class _BestIterate:

@@ -38,6 +38,24 @@ def kl_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
+def reconstruction_terms(
+    output: torch.Tensor,
+    target: torch.Tensor,
+    kind: LossKind,
+    l2_weight: float = 1.0,
+    kl_weight: float = 1.0,
+    l2_relative: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The weighted terms of ``D`` that ``kind`` uses, by name (``l2``, ``kl``)."""
+    kind = LossKind(kind)
+    terms = {}
+    if kind in (LossKind.l2, LossKind.l2_kl):
+        terms["l2"] = l2_weight * l2_distance(output, target, l2_relative)
+    if kind in (LossKind.kl, LossKind.l2_kl):
+        terms["kl"] = kl_weight * kl_distance(output, target)
+    return terms
+
+
 def reconstruction_distance(
     output: torch.Tensor,
     target: torch.Tensor,
@@ -46,13 +64,8 @@ def reconstruction_distance(
     kl_weight: float = 1.0,
     l2_relative: bool = False,
 ) -> torch.Tensor:
-    kind = LossKind(kind)
-    total = output.new_zeros((), dtype=torch.float32)
-    if kind in (LossKind.l2, LossKind.l2_kl):
-        total = total + l2_weight * l2_distance(output, target, l2_relative)
-    if kind in (LossKind.kl, LossKind.l2_kl):
-        total = total + kl_weight * kl_distance(output, target)
-    return total
+    terms = reconstruction_terms(output, target, kind, l2_weight, kl_weight, l2_relative)
+    return sum(terms.values(), output.new_zeros((), dtype=torch.float32))
 
 
 def check_finite(

@@ -217,6 +217,7 @@ def test_component_variants_lower_every_window_loss(tmp_path, overrides):
     for window in stats["windows"]:
         assert window["loss_hard"] < window["loss_init"], window
         assert window["steps"] == 8  # 4 epochs of 2 batches
+        _assert_terms_add_up(window, parts.get("loss", LossConfig()).kind)
     learned = overrides.get("rounding", rounding()).kind != RoundingKind.nearest
     assert bool(stats["rounding_moved"]) == learned
     truncated = sum(w["truncated_weights"] for w in stats["windows"])
@@ -290,11 +291,33 @@ def test_fingerprint_changes_with_every_part(changed):
     assert changed.fingerprint(W4A8, calib) != default
 
 
+def _assert_terms_add_up(window: dict, kind: LossKindChoice) -> None:
+    """The recorded loss terms are the ones ``kind`` uses, and add up to the recorded losses."""
+    used = {LossKindChoice.l2: {"l2"}, LossKindChoice.kl: {"kl"}}.get(kind, {"l2", "kl"})
+    for when in ("init", "hard"):
+        terms = window[f"loss_terms_{when}"]
+        assert set(terms) == used, window
+        assert all(value > 0 for value in terms.values()), window
+        assert sum(terms.values()) == pytest.approx(window[f"loss_{when}"], rel=1e-5)
+
+
+def test_window_records_reach_the_logger_flat(tmp_path):
+    logged: list[dict[str, float]] = []
+    trainer = make_trainer(tmp_path, tiny_model("llama"))
+    trainer.log_metrics = logged.append
+    stats = trainer.run(tokens(4, seed=0, seqlen=24))
+    assert len(logged) == len(stats["windows"])
+    for metrics, window in zip(logged, stats["windows"], strict=True):
+        assert metrics["cbq/loss_hard"] == window["loss_hard"]
+        assert metrics["cbq/loss_terms_init/kl"] == window["loss_terms_init"]["kl"]
+        assert metrics["cbq/rounding_moved_fraction"] == window["rounding_moved_fraction"]
+
+
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
     import cbq.cbd
 
     monkeypatch.setattr(
-        cbq.cbd, "reconstruction_distance", lambda *a, **k: torch.tensor(float("nan"))
+        cbq.cbd, "reconstruction_terms", lambda *a, **k: {"l2": torch.tensor(float("nan"))}
     )
     with pytest.raises(FloatingPointError, match=r"window 0 \(blocks 0-1\).*loss is nan"):
         make_trainer(tmp_path, tiny_model("llama")).run(tokens(4, seed=0, seqlen=24))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbq.cbd import BestRule, CBDTrainer, TrainerKnobs, TrainerSettings, _BestIterate
+from cbq.cbd import BestRule, CBDTrainer, Score, TrainerKnobs, TrainerSettings, _BestIterate
 from cbq.config import CFPConfig, CFPMode, QuantConfig, RoundingConfig, RoundingKind
 from cbq.models import adapter_for, tiny_model
 from cbq.optim import LRSchedule, SignSGD, schedule_factor
@@ -199,12 +199,13 @@ def test_the_best_rules(tmp_path, monkeypatch, rule):
     best.offer(0.1, step=3)
     with torch.no_grad():
         variable.fill_(2.0)  # the last step's value, which scores 1.0 on the whole set
-    monkeypatch.setattr(trainer, "_evaluate", lambda start, end: 5.0)  # the best step's
-    loss, step = trainer._keep_best(best, 0, 1, last_loss=1.0)
+    best_score = Score(5.0, {"l2": 5.0})  # the best step's, on the whole set
+    monkeypatch.setattr(trainer, "_evaluate", lambda start, end: best_score)
+    kept, step = trainer._keep_best(best, 0, 1, Score(1.0, {"l2": 1.0}))
     if rule is BestRule.relative:
-        assert (loss, step, variable.item()) == (1.0, None, 2.0)
+        assert (kept.loss, step, variable.item()) == (1.0, None, 2.0)
     else:
-        assert (loss, step, variable.item()) == (5.0, 3, 1.0)
+        assert (kept, step, variable.item()) == (best_score, 3, 1.0)
 
 
 def test_iters_sets_the_steps_per_window(tmp_path):
