@@ -12,6 +12,7 @@ and nothing else, into ``DIR/<sweep name>/...``, for committing next to the READ
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -68,8 +69,11 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+@functools.cache
 def git_state(repo: Path | None = None) -> dict[str, Any]:
-    """Commit and dirtiness of the cbq checkout; nulls outside a git checkout."""
+    """Commit and dirtiness of the cbq checkout; nulls outside a git checkout. Read once per
+    process: a multirun's later jobs run the code its first job loaded, whatever the checkout
+    has become since."""
     repo = repo or Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
