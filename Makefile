@@ -52,7 +52,7 @@ $(PEERS_VENV)/.installed:
 	$(PEERS_VENV)/bin/pip install -q auto-round==0.16.1 transformers==5.23.0
 	touch $@
 
-# Commit the records behind the README tables: finished runs' results.json, nothing else.
+# Commit the records behind the tables in docs/: finished runs' results.json, nothing else.
 archive-results: setup
 	$(PY) -m cbq.results archive multirun/* --to experiments/results/runs
 

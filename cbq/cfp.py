@@ -310,8 +310,8 @@ def migrate_activations(
 
     The outlier rule scales only the channels the split finds, often one per group; at
     4-bit activations the many moderately large channels are what the quantizer loses
-    (see the README's Gemma-3 W4A4 diagnosis). Here every channel moves part of its range
-    into the weights, with the strength that minimises the group's fake-quantized output
+    (docs/results_cpu.md, the Gemma-3 W4A4 diagnosis). Here every channel moves part of its
+    range into the weights, with the strength that minimises the group's fake-quantized output
     MSE (:func:`cbq.transforms.search_migration`; OS+'s search without the shift). The
     columns scaled up are recorded for :func:`truncate_block_weights`, as for outliers.
     """

@@ -6,7 +6,7 @@ Each save stamps ``written_at`` (UTC), which orders runs when a later run of the
 replaces an earlier one, also in copies whose file times were lost (a git clone).
 
 ``python -m cbq.results archive <sweep dirs> --to DIR`` copies the finished runs' records,
-and nothing else, into ``DIR/<sweep name>/...``, for committing next to the README tables.
+and nothing else, into ``DIR/<sweep name>/...``, for committing next to the tables in docs/.
 """
 
 from __future__ import annotations
