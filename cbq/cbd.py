@@ -97,6 +97,14 @@ class BestRule(StrEnum):
     batch = "batch"
 
 
+class CacheKind(StrEnum):
+    """Where the cached streams live: the device, CPU memory, or memory-mapped on disk."""
+
+    device = "device"
+    cpu = "cpu"
+    disk = "disk"
+
+
 @dataclass
 class TrainerKnobs:
     """The trainer's own knobs; ``method=cbq`` exposes them as fields of its CBQConfig."""
@@ -125,7 +133,23 @@ class TrainerKnobs:
     best_rule: BestRule = BestRule.relative
     bf16: bool = False
     # Where cached activations live: cpu, device or disk (memory-mapped).
-    cache: str = "cpu"
+    cache: CacheKind = CacheKind.cpu
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"method.{name}: {getattr(self, name)} must be >= {low}"
+            for name, low in (("epochs", 0), ("batch_size", 1))
+            if getattr(self, name) < low
+        ]
+        if self.iters is not None and self.iters < 0:
+            problems.append(f"method.iters: {self.iters} must be >= 0, or null")
+        problems += [
+            f"method.{name}: {getattr(self, name)} must be >= 0"
+            for name in ("lr_weight_scale", "lr_act_scale", "lr_rounding")
+            if not getattr(self, name) >= 0
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
 
     @classmethod
     def of(cls, config: TrainerKnobs) -> TrainerKnobs:
@@ -162,20 +186,18 @@ class TrainerSettings:
 class ActivationStore:
     """Where the cached streams live: on the device, in CPU memory, or memory-mapped on disk."""
 
-    def __init__(self, kind: str, device: torch.device, folder: Path):
-        if kind not in ("device", "cpu", "disk"):
-            raise ValueError(f"method.cache: '{kind}' is not allowed; allowed: device, cpu, disk")
-        self.kind, self.device, self.folder = kind, device, folder
+    def __init__(self, kind: CacheKind, device: torch.device, folder: Path):
+        self.kind, self.device, self.folder = CacheKind(kind), device, folder
         self._tensors: dict[str, torch.Tensor] = {}
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        if self.kind == "disk":
+        if self.kind is CacheKind.disk:
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / f"{name}.pt"
             torch.save(tensor.cpu(), path)
             tensor = torch.load(path, mmap=True)
         else:
-            tensor = tensor.to(self.device if self.kind == "device" else "cpu")
+            tensor = tensor.to(self.device if self.kind is CacheKind.device else "cpu")
         self._tensors[name] = tensor
 
     def get(self, name: str) -> torch.Tensor:

@@ -74,6 +74,26 @@ def test_all_problems_reported_at_once(compose_cfg):
     assert len(info.value.problems) == 3
 
 
+@pytest.mark.parametrize("method", ["cbq", "autoround"])
+def test_bad_cache_is_rejected_before_any_model_loads(compose_cfg, method):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg([f"method={method}", "method.cache=ram"]))
+    assert info.value.problems == [
+        "method.cache: Invalid value 'ram', expected one of [device, cpu, disk]"
+    ]
+
+
+def test_every_bad_cbq_knob_is_reported_at_once(compose_cfg):
+    overrides = ["method=cbq", "method.epochs=-1", "method.iters=-2", "method.lr_rounding=-1"]
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(overrides))
+    assert info.value.problems == [
+        "method.epochs: -1 must be >= 0",
+        "method.iters: -2 must be >= 0, or null",
+        "method.lr_rounding: -1.0 must be >= 0",
+    ]
+
+
 def test_per_token_static_activations_rejected(compose_cfg):
     cfg = compose_cfg(["quant=w4a4", "quant.a_dynamic=false"])
     with pytest.raises(ConfigError, match=r"quant.a_dynamic: false .* allowed: true"):

@@ -51,11 +51,11 @@ def method_config(raw: Any) -> MethodConfig:
 def method_problems(raw: Any) -> list[str]:
     try:
         method_config(raw)
-    except ValueError as error:
-        return [str(error)]
-    except OmegaConfBaseException as error:
+    except OmegaConfBaseException as error:  # a wrong type or enum value
         key = getattr(error, "full_key", None) or getattr(error, "key", "")
         return [f"method.{key}: {error.msg if hasattr(error, 'msg') else error}".split("\n")[0]]
+    except ValueError as error:  # a method's own checks: one problem a line
+        return str(error).split("\n")
     return []
 
 

@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from cbq.cbd import BestRule, CBDTrainer, TrainerKnobs, TrainerSettings, refuse_unwanted_resume
+from cbq.cbd import (
+    BestRule,
+    CacheKind,
+    CBDTrainer,
+    TrainerKnobs,
+    TrainerSettings,
+    refuse_unwanted_resume,
+)
 from cbq.config import (
     CFPConfig,
     CFPMode,
@@ -55,7 +62,7 @@ class AutoRoundConfig(MethodConfig):
     best_rule: BestRule = BestRule.batch
     bf16: bool = False
     # Where cached activations live: cpu, device or disk.
-    cache: str = "cpu"
+    cache: CacheKind = CacheKind.cpu
     # Resume from <run dir>/checkpoint when it exists.
     resume: bool = True
 
