@@ -22,8 +22,11 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The main job: FP and RTN (W4A16) on packaged SmolLM2-135M and packaged Wikipedia text.
+# Ends with the table of what it ran: perplexity, seconds per phase, peak memory.
+RUN_DIR ?= multirun/make_run
 run: setup
-	$(PY) -m cbq -m method=fp,rtn data.max_eval_windows=16
+	$(PY) -m cbq -m method=fp,rtn data.max_eval_windows=16 hydra.sweep.dir=$(RUN_DIR)
+	$(PY) -m cbq.report $(RUN_DIR) --runs
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -39,6 +42,7 @@ format: setup
 
 bench: setup
 	$(PY) -m benchmarks.fakequant_overhead
+	$(PY) -m benchmarks.eval_dtype
 	$(PY) -m benchmarks.ppl_table
 
 # Peer libraries in their own venv, so that the project's pins stay intact: the auto-round

@@ -119,10 +119,18 @@ class ZeroShotConfig:
     seed: int = 0
 
 
+class EvalDType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
 @dataclass
 class EvalConfig:
     ppl: bool = True
     batch_size: int = 1
+    # bfloat16: perplexity under bf16 autocast (faster where bf16 matmuls are, as on AMX CPUs;
+    # its difference from float32 is measured in docs/benchmarks.md). The tables use float32.
+    dtype: EvalDType = EvalDType.float32
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
 

@@ -203,6 +203,25 @@ def _number(cell: str) -> float | None:
         return None
 
 
+def run_summary(records: Iterable[Record]) -> tuple[list[str], list[list[str]]]:
+    """One row per run: model, setting, variant, status, every perplexity, the seconds of
+    every phase and the peak RSS (the table ``make run`` ends with). Skipped jobs are left out."""
+    records = [r for r in records if r.get("status") != "skipped"]
+    metrics = sorted({k for r in records for k in r.get("metrics", {}) if k.startswith("ppl/")})
+    phases = list(dict.fromkeys(k for r in records for k in r.get("timing_s", {})))
+    phases.sort(key=lambda phase: phase == "total")  # the run's whole time last
+    header = ["model", "setting", "variant", "status", *metrics]
+    header += [f"{phase} (s)" for phase in phases] + ["peak RSS (MiB)"]
+    body = []
+    for record in sorted(records, key=lambda r: (str(lookup(r, "model.name")), bits_order(r))):
+        row = [str(lookup(record, "model.name")), str(setting(record)), variant_label(record)]
+        row.append(str(record.get("status")))
+        row += [format_value(record.get("metrics", {}).get(m)) for m in metrics]
+        row += [format_value(record.get("timing_s", {}).get(phase)) for phase in phases]
+        body.append([*row, format_value(lookup(record, "memory.peak_rss_mib"))])
+    return header, body
+
+
 def markdown(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -418,16 +437,17 @@ COMPONENT_LABELS: dict[str, Callable[[Record], str]] = {
 
 def variant_label(record: Record) -> str:
     """The method, and for CBQ the components that differ from the paper's defaults:
-    ``cbq``, ``cbq (cfp: weight_act (migrate))``. The ``--rows variant`` key."""
+    ``cbq``, ``cbq (cfp: weight_act (migrate))``, and ``[eval bf16]`` after a run scored
+    under bf16 autocast. The ``--rows variant`` key."""
     name = str(method_name(record))
-    if not is_cbq(record):
-        return name
-    changed = [
-        f"{part}: {COMPONENT_LABELS[part](record)}"
-        for part in COMPONENTS
-        if component(record, part) != default_component(part)
-    ]
-    return f"{name} ({'; '.join(changed)})" if changed else name
+    if is_cbq(record):
+        changed = [
+            f"{part}: {COMPONENT_LABELS[part](record)}"
+            for part in COMPONENTS
+            if component(record, part) != default_component(part)
+        ]
+        name = f"{name} ({'; '.join(changed)})" if changed else name
+    return f"{name} [eval bf16]" if lookup(record, "eval.dtype") == "bfloat16" else name
 
 
 def references(records: Sequence[Record], table: int | None) -> dict[str, tuple[Any, ...]]:
@@ -834,6 +854,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=("min", "max"),
         help="bold the lowest / highest value of each column (Markdown tables)",
     )
+    parser.add_argument(
+        "--runs",
+        action="store_true",
+        help="one row per run: perplexities, seconds per phase, peak memory",
+    )
     parser.add_argument("--csv", action="store_true", help="CSV instead of Markdown")
     parser.add_argument("--plots", type=Path, help="write PNG plots into this dir")
     args = parser.parse_args(argv)
@@ -844,7 +869,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not records:
         where = f" matching {' '.join(args.where)}" if args.where else ""
         raise SystemExit(f"no {RESULTS_FILE}{where} under {', '.join(map(str, args.roots))}")
-    if args.table is not None:
+    if args.runs:
+        header, body = run_summary(records)
+        print(csv_text(header, body) if args.csv else markdown(header, body))
+    elif args.table is not None:
         table = build_table(records, args.table)
         print(table_csv(table).rstrip("\n") if args.csv else table_markdown(table))
     else:

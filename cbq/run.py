@@ -19,7 +19,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cbq.config import Config, ConfigError, Device, ExportFormat, register_configs, validate
+from cbq.config import (
+    Config,
+    ConfigError,
+    Device,
+    EvalDType,
+    ExportFormat,
+    register_configs,
+    validate,
+)
 from cbq.data import calibration_batch, evaluation_windows, metric_name
 from cbq.eval import evaluate_zeroshot, perplexity, prepare_zeroshot
 from cbq.export import export_model
@@ -154,11 +162,18 @@ def _execute(
                 )
                 name = metric_name(corpus)
                 value = perplexity(
-                    adapter, windows, device=device, batch_size=cfg.eval.batch_size, desc=name
+                    adapter,
+                    windows,
+                    device=device,
+                    batch_size=cfg.eval.batch_size,
+                    desc=name,
+                    bf16=cfg.eval.dtype is EvalDType.bfloat16,
                 )
                 log.info("ppl/%s = %.3f (%d windows)", name, value, windows.shape[0])
                 record.add_metrics({f"ppl/{name}": value})
-                record.add_stats({f"eval_windows/{name}": int(windows.shape[0])})
+                record.add_stats(
+                    {f"eval_windows/{name}": int(windows.shape[0]), "eval_dtype": cfg.eval.dtype}
+                )
                 tracker.log({f"ppl/{name}": value})
     if zeroshot is not None:
         with record.phase("eval_zeroshot"):

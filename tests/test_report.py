@@ -559,10 +559,14 @@ def test_variant_rows_name_cbq_components_that_differ_from_the_paper(tmp_path, c
     relative["config"]["loss"]["l2_relative"] = True
     sweep.add(relative)
     sweep.add(run("osplus", "w4a4", cfp="none", ppl={"wiki-sample": 169.4}))
+    bf16_scored = run("osplus", "w4a4", cfp="none", ppl={"wiki-sample": 170.1})
+    bf16_scored["config"]["eval"] = {"dtype": "bfloat16"}
+    sweep.add(bf16_scored)
     header, body = pivot(load_results(tmp_path), ["variant"], "setting", "ppl/wiki-sample")
     assert header == ["variant", "w4a4"]
     assert body == [
         ["osplus", "169.40"],
+        ["osplus [eval bf16]", "170.10"],
         ["cbq", "680.00"],
         ["cbq (cfp: weight_act (migrate))", "84.90"],
         ["cbq (window: K=1; loss: l2)", "700.00"],

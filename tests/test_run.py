@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cbq.report import format_value
+from cbq.report import main as report_main
 from cbq.run import run
 
 from helpers import run_overrides
@@ -63,7 +65,9 @@ def test_failed_run_is_recorded(compose_cfg, tiny_corpus, tmp_path):
     assert record["status"] == "failed" and record["error"]
 
 
-def test_cli_multirun_writes_results_and_offline_wandb(saved_tiny_model, tiny_corpus, tmp_path):
+def test_cli_multirun_writes_results_and_offline_wandb(
+    saved_tiny_model, tiny_corpus, tmp_path, capsys
+):
     sweep_dir = tmp_path / "sweep"
     command = [
         sys.executable,
@@ -94,6 +98,27 @@ def test_cli_multirun_writes_results_and_offline_wandb(saved_tiny_model, tiny_co
     }
     assert "fp does not read quant" in outcome["fp", "w4a16"]["reason"]
     assert list(sweep_dir.rglob("offline-run-*")), "W&B offline files should be in the run dir"
+    _assert_summary_renders(sweep_dir, outcome, capsys)
+
+
+def _assert_summary_renders(sweep_dir: Path, outcome: dict, capsys) -> None:
+    """``cbq.report --runs`` (the table ``make run`` ends with) reads what the runs wrote."""
+    report_main([str(sweep_dir), "--runs"])
+    header, _, *rows = capsys.readouterr().out.strip().splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:4] == ["model", "setting", "variant", "status"]
+    assert "quantize (s)" in columns and columns[-2:] == ["total (s)", "peak RSS (MiB)"]
+    cells = {
+        (row[2], row[1]): dict(zip(columns, row, strict=True))
+        for row in ([c.strip() for c in line.strip("|").split("|")] for line in rows)
+    }
+    rtn = outcome["rtn", "w3a16"]
+    assert cells["rtn", "w3a16"]["status"] == "finished"
+    metric = next(k for k in rtn["metrics"] if k.startswith("ppl/"))
+    assert cells["rtn", "w3a16"][metric] == format_value(rtn["metrics"][metric])
+    assert cells["rtn", "w3a16"]["total (s)"] == format_value(rtn["timing_s"]["total"])
+    assert cells["fp", "fp"]["status"] == "finished"
+    assert len(rows) == 3  # the skipped job is left out
 
 
 def test_cli_rejects_bad_config_before_loading(tmp_path):

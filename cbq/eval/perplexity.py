@@ -43,16 +43,20 @@ def perplexity(
     device: torch.device | str = "cpu",
     batch_size: int = 1,
     desc: str = "ppl",
+    bf16: bool = False,
 ) -> float:
-    """exp(mean NLL) of the model over ``windows`` shaped (n, seqlen)."""
+    """exp(mean NLL) of the model over ``windows`` shaped (n, seqlen); with ``bf16`` the
+    forward runs under bf16 autocast (the NLL itself is always taken in float32)."""
     if windows.ndim != 2 or windows.shape[0] == 0:
         raise ValueError(
             f"expected a non-empty (n_windows, seqlen) tensor, got {tuple(windows.shape)}"
         )
     total_nll, total_tokens = 0.0, 0
     batches = windows.split(batch_size)
+    device_type = torch.device(device).type
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-        nll, count = window_nll(adapter, batch.to(device))
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            nll, count = window_nll(adapter, batch.to(device))
         total_nll += nll
         total_tokens += count
     return math.exp(total_nll / total_tokens)
