@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -66,8 +67,6 @@ from cbq.quant.rounding import AdaRound, LearnedRounding, LoRARounding
 
 log = logging.getLogger(__name__)
 MIN_STEP = 1e-8
-# Calibration samples scored together when a window's per-sample distances are measured.
-SCORING_BATCH = 8
 
 
 def refuse_unwanted_resume(run_dir: Path, resume: bool) -> None:
@@ -114,6 +113,9 @@ class TrainerKnobs:
     iters: int | None = None
     # Calibration sequences per optimisation step.
     batch_size: int = 1
+    # Calibration sequences per no-grad pass (streams, targets, scoring, CFP statistics):
+    # speed and memory only.
+    forward_batch: int = 8
     # How weight ranges are learned, per row and group (cbq.quant.quantizer.RangeLearning):
     # step (LSQ on log s), clip (min/max clipping factors) or none.
     weight_range: RangeLearning = RangeLearning.step
@@ -138,7 +140,7 @@ class TrainerKnobs:
     def __post_init__(self) -> None:
         problems = [
             f"method.{name}: {getattr(self, name)} must be >= {low}"
-            for name, low in (("epochs", 0), ("batch_size", 1))
+            for name, low in (("epochs", 0), ("batch_size", 1), ("forward_batch", 1))
             if getattr(self, name) < low
         ]
         if self.iters is not None and self.iters < 0:
@@ -203,6 +205,14 @@ class ActivationStore:
     def get(self, name: str) -> torch.Tensor:
         return self._tensors[name]
 
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def drop(self, name: str) -> None:
+        del self._tensors[name]
+        if self.kind is CacheKind.disk:
+            (self.folder / f"{name}.pt").unlink(missing_ok=True)
+
     def batch(self, name: str, index: torch.Tensor) -> torch.Tensor:
         return self._tensors[name][index].to(self.device)
 
@@ -227,6 +237,7 @@ class CBDTrainer:
         self.fp_blocks: dict[int, nn.Module] = {}
         self.prepared: set[int] = set()
         self.committed: set[int] = set()
+        self.written: set[int] = set()  # committed blocks already in the checkpoint
         self.stats: dict[str, Any] = {"windows": [], "cfp": {}}
         # Test hook: simulate a crash after this window's checkpoint.
         self.stop_after_window = stop_after_window
@@ -238,7 +249,7 @@ class CBDTrainer:
         fingerprint = self.s.fingerprint(self.quant, calib)
         first = self._resume(fingerprint)
         if first == 0:
-            hidden = embed_batches(self.adapter, calib, self.s.knobs.batch_size, self.device)
+            hidden = embed_batches(self.adapter, calib, self.s.knobs.forward_batch, self.device)
             self.store.put("x_q", hidden)
             self.store.put("x_fp", hidden)
         self.ctx = self.adapter.block_context(self.store.batch("x_q", torch.arange(1)))
@@ -261,7 +272,7 @@ class CBDTrainer:
             if index not in self.prepared:
                 self._prepare(index, x_fp)
                 entering.append(index)
-            x_fp = self._run(self.fp_blocks[index], index, x_fp)
+            x_fp = self._fp_output(index, x_fp)
         self.store.put("y", x_fp)
         if self.s.loss.homologous:
             self.store.put("y_h", self._run_range(start, end, self.store.get("x_q"), fp=True))
@@ -312,7 +323,7 @@ class CBDTrainer:
                 rule.alphas,
                 search_tokens=rule.search_tokens,
                 seed=self.s.seed + index,
-                batch_size=self.s.knobs.batch_size,
+                batch_size=self.s.knobs.forward_batch,
             )
         return cfp.scale_activation_outliers(
             self.adapter,
@@ -321,7 +332,7 @@ class CBDTrainer:
             self.ctx,
             rule.lambda1,
             rule.lambda2,
-            batch_size=self.s.knobs.batch_size,
+            batch_size=self.s.knobs.forward_batch,
             **self._split_rule(),
         )
 
@@ -500,7 +511,7 @@ class CBDTrainer:
         run in batches, and the calibration-set mean of each of the distance's terms."""
         n = self.store.get("x_q").shape[0]
         distances, term_sums = [], {}
-        for chunk in torch.arange(n).split(SCORING_BATCH):
+        for chunk in torch.arange(n).split(self.s.knobs.forward_batch):
             output = self._output(start, end, chunk)
             for i in range(len(chunk)):
                 terms = self._terms_of(output[i : i + 1], chunk[i : i + 1])
@@ -597,11 +608,10 @@ class CBDTrainer:
             self.store.put(
                 "x_q", self._run_range(start, commit_end, self.store.get("x_q"), fp=False)
             )
-            self.store.put(
-                "x_fp", self._run_range(start, commit_end, self.store.get("x_fp"), fp=True)
-            )
+            self.store.put("x_fp", self.store.get(_fp_output_name(commit_end - 1)))
         for index in range(start, commit_end):
             del self.fp_blocks[index]
+            self.store.drop(_fp_output_name(index))
             if self.device.type != "cpu":
                 blocks[index].to("cpu")
 
@@ -625,11 +635,19 @@ class CBDTrainer:
         try:
             outputs = [
                 self.adapter.forward_block(index, chunk.to(self.device), self.ctx).to(hidden.device)
-                for chunk in hidden.split(self.s.knobs.batch_size)
+                for chunk in hidden.split(self.s.knobs.forward_batch)
             ]
         finally:
             blocks[index] = original
         return torch.cat(outputs)
+
+    def _fp_output(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The FP stream after block ``index`` (``hidden`` is the stream entering it), computed
+        once per run: the windows that share a block and the commit after them reuse it."""
+        name = _fp_output_name(index)
+        if not self.store.has(name):
+            self.store.put(name, self._run(self.fp_blocks[index], index, hidden))
+        return self.store.get(name)
 
     def _run_range(self, start: int, end: int, hidden: torch.Tensor, fp: bool) -> torch.Tensor:
         for index in range(start, end):
@@ -648,19 +666,23 @@ class CBDTrainer:
             "x_fp": self.store.get("x_fp").cpu(),
             "committed": sorted(self.committed),
             "prepared": sorted(self.prepared),
-            "blocks": {i: _cpu_state(blocks[i]) for i in sorted(self.prepared)},
+            # Committed blocks are final: each is written once, to its own file.
+            "blocks": {i: _cpu_state(blocks[i]) for i in sorted(self.prepared - self.committed)},
             "fp_blocks": {i: _cpu_state(b) for i, b in self.fp_blocks.items()},
             "stats": self.stats,
         }
-        path = self.checkpoint_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        for index in sorted(self.committed - self.written):
+            _atomic_save(_cpu_state(blocks[index]), self._committed_path(index))
+            self.written.add(index)
+        _atomic_save(state, self.checkpoint_path)
+
+    def _committed_path(self, index: int) -> Path:
+        return self.checkpoint_path.parent / "committed" / f"block_{index}.pt"
 
     def _resume(self, fingerprint: str) -> int:
         """Restore the last checkpoint of this run dir; returns the first window to run."""
         if not self.checkpoint_path.exists():
+            shutil.rmtree(self._committed_path(0).parent, ignore_errors=True)  # a dead run's
             return 0
         state = torch.load(self.checkpoint_path, weights_only=False)
         if state["fingerprint"] != fingerprint:
@@ -680,18 +702,31 @@ class CBDTrainer:
                 self.quant.weight_spec(),
                 self.quant.act_spec(),
             )
-            if index not in state["committed"]:
-                self._attach_rounding(index, wrapped.values())
-            blocks[index].load_state_dict(state["blocks"][index])
             if index in state["committed"]:
+                blocks[index].load_state_dict(torch.load(self._committed_path(index)))
                 blocks[index].requires_grad_(False)
+            else:
+                self._attach_rounding(index, wrapped.values())
+                blocks[index].load_state_dict(state["blocks"][index])
         self.prepared, self.committed = set(state["prepared"]), set(state["committed"])
+        self.written = set(self.committed)
         self.store.put("x_q", state["x_q"])
         self.store.put("x_fp", state["x_fp"])
         # The quantize time of a resumed run covers only the windows after this one.
         self.stats = state["stats"] | {"resumed_at_window": state["next_window"]}
         log.info("resumed CBQ from %s at window %d", self.checkpoint_path, state["next_window"])
         return state["next_window"]
+
+
+def _atomic_save(payload: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _fp_output_name(index: int) -> str:
+    return f"fp_out_{index}"
 
 
 def _numbers(record: dict[str, Any], prefix: str) -> dict[str, float]:

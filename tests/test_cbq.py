@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import cbq.cbd
 from cbq.blockwise import embed_batches
 from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings, window_schedule
 from cbq.config import (
@@ -245,6 +247,67 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path):
     for key in expected:
         if torch.is_tensor(expected[key]):
             assert torch.equal(expected[key], actual[key]), key
+
+
+def test_fp_stream_runs_each_block_once(tmp_path, monkeypatch):
+    """Windows that share a block, and the commit after them, reuse its FP output: each FP
+    copy runs once on the FP stream (homologous targets, FP copies on the quantized stream,
+    are off here)."""
+    trainer = make_trainer(
+        tmp_path,
+        tiny_model("llama", num_hidden_layers=5),
+        quant=W4A8,
+        loss=LossConfig(homologous=False),
+        window=WindowConfig(size=3, overlap=2),
+    )
+    fp_runs: Counter[int] = Counter()
+    run_block = trainer._run
+
+    def counting(block, index, hidden):
+        if block is trainer.fp_blocks.get(index):
+            fp_runs[index] += 1
+        return run_block(block, index, hidden)
+
+    monkeypatch.setattr(trainer, "_run", counting)
+    trainer.run(tokens(4, seed=0, seqlen=24))
+    assert fp_runs == Counter(range(5))
+
+
+def test_checkpoint_bytes_grow_linearly_with_depth(tmp_path, monkeypatch):
+    """Each committed block is written once, so the bytes a run writes grow with the number
+    of blocks, not with its square (every window rewrote every prepared block before)."""
+    written: list[int] = []
+    save = cbq.cbd._atomic_save
+
+    def counting(payload, path):
+        save(payload, path)
+        written.append(path.stat().st_size)
+
+    monkeypatch.setattr(cbq.cbd, "_atomic_save", counting)
+    totals = {}
+    for depth in (4, 8, 16):
+        written.clear()
+        model = tiny_model("llama", num_hidden_layers=depth)
+        make_trainer(tmp_path / str(depth), model, knobs=knobs(epochs=1)).run(
+            tokens(2, seed=0, seqlen=16)
+        )
+        totals[depth] = sum(written)
+    # Linear: 8 more blocks add twice what 4 more did; quadratic: four times.
+    assert totals[16] - totals[8] < 2.3 * (totals[8] - totals[4]), totals
+
+
+def test_forward_batch_changes_speed_not_results(tmp_path):
+    calib = tokens(5, seed=0, seqlen=24)  # 5: a partial last batch
+    models, stats = {}, {}
+    for batch in (1, 4):
+        models[batch] = deep_llama()
+        trainer = make_trainer(
+            tmp_path / str(batch), models[batch], quant=W4A8, knobs=knobs(forward_batch=batch)
+        )
+        stats[batch] = trainer.run(calib)
+    for one, four in zip(stats[1]["windows"], stats[4]["windows"], strict=True):
+        assert four["loss_hard"] == pytest.approx(one["loss_hard"], rel=1e-4)
+    assert logits_error(models[4], models[1], tokens(2, seed=9)) < 1e-8
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
