@@ -28,11 +28,8 @@ same model as an uninterrupted run.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,6 +58,7 @@ from cbq.config import (
 from cbq.losses import check_finite, reconstruction_terms
 from cbq.models.adapter import ModelAdapter
 from cbq.optim import LRSchedule, OptimizerKind, build_optimizer, build_scheduler
+from cbq.pipeline import atomic_save, cpu_state, settings_fingerprint
 from cbq.quant import QuantLinear, observing_activations, quant_linears, wrap_block
 from cbq.quant.quantizer import Granularity, RangeLearning
 from cbq.quant.rounding import AdaRound, LearnedRounding, LoRARounding
@@ -172,17 +170,7 @@ class TrainerSettings:
 
     def fingerprint(self, quant: QuantConfig, calib: torch.Tensor) -> str:
         """Identifies a run's checkpoint: changes with any setting, ``quant`` or ``calib``."""
-        payload = json.dumps(
-            {
-                "settings": asdict(self),
-                "quant": str(asdict(quant)),
-                "calib": calib.sum().item(),
-                "calib_shape": list(calib.shape),
-            },
-            sort_keys=True,
-            default=str,
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return settings_fingerprint({"settings": asdict(self), "quant": str(asdict(quant))}, calib)
 
 
 class ActivationStore:
@@ -667,14 +655,14 @@ class CBDTrainer:
             "committed": sorted(self.committed),
             "prepared": sorted(self.prepared),
             # Committed blocks are final: each is written once, to its own file.
-            "blocks": {i: _cpu_state(blocks[i]) for i in sorted(self.prepared - self.committed)},
-            "fp_blocks": {i: _cpu_state(b) for i, b in self.fp_blocks.items()},
+            "blocks": {i: cpu_state(blocks[i]) for i in sorted(self.prepared - self.committed)},
+            "fp_blocks": {i: cpu_state(b) for i, b in self.fp_blocks.items()},
             "stats": self.stats,
         }
         for index in sorted(self.committed - self.written):
-            _atomic_save(_cpu_state(blocks[index]), self._committed_path(index))
+            atomic_save(cpu_state(blocks[index]), self._committed_path(index))
             self.written.add(index)
-        _atomic_save(state, self.checkpoint_path)
+        atomic_save(state, self.checkpoint_path)
 
     def _committed_path(self, index: int) -> Path:
         return self.checkpoint_path.parent / "committed" / f"block_{index}.pt"
@@ -716,13 +704,6 @@ class CBDTrainer:
         self.stats = state["stats"] | {"resumed_at_window": state["next_window"]}
         log.info("resumed CBQ from %s at window %d", self.checkpoint_path, state["next_window"])
         return state["next_window"]
-
-
-def _atomic_save(payload: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def _fp_output_name(index: int) -> str:
@@ -803,10 +784,3 @@ def _relative_group(step: nn.Parameter, relative_lr: float) -> dict[str, Any]:
     step.requires_grad_(True)
     magnitude = step.detach().abs().mean().clamp(min=MIN_STEP).item()
     return {"params": [step], "lr": relative_lr * magnitude, "is_step": True}
-
-
-def _cpu_state(module: nn.Module) -> dict[str, Any]:
-    return {
-        k: v.detach().cpu().clone() if torch.is_tensor(v) else v
-        for k, v in module.state_dict().items()
-    }

@@ -144,7 +144,9 @@ def _execute(
             )
     with record.phase("quantize"):
         stats = method.quantize(
-            adapter, calib, RunContext(device=device, run_dir=run_dir, log=tracker.log)
+            adapter,
+            calib,
+            RunContext(device=device, run_dir=run_dir, log=tracker.log, resumable=True),
         )
     record.add_stats(stats)
     model.to(device)  # methods may leave committed blocks offloaded to the CPU

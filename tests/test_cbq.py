@@ -277,13 +277,13 @@ def test_checkpoint_bytes_grow_linearly_with_depth(tmp_path, monkeypatch):
     """Each committed block is written once, so the bytes a run writes grow with the number
     of blocks, not with its square (every window rewrote every prepared block before)."""
     written: list[int] = []
-    save = cbq.cbd._atomic_save
+    save = cbq.cbd.atomic_save
 
     def counting(payload, path):
         save(payload, path)
         written.append(path.stat().st_size)
 
-    monkeypatch.setattr(cbq.cbd, "_atomic_save", counting)
+    monkeypatch.setattr(cbq.cbd, "atomic_save", counting)
     totals = {}
     for depth in (4, 8, 16):
         written.clear()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,6 +13,7 @@ import torch
 
 from cbq.config import Config, QuantConfig
 from cbq.models.adapter import ModelAdapter
+from cbq.pipeline import BlockPipeline, Checkpoint, settings_fingerprint
 
 
 @dataclass
@@ -29,6 +30,9 @@ class RunContext:
     device: torch.device
     run_dir: Path
     log: Callable[[dict[str, float]], None] = field(default=lambda metrics: None)
+    # Block-wise methods checkpoint into <run dir>/checkpoint and resume from it (runs do;
+    # a method called on its own, as in the tests, does not).
+    resumable: bool = False
 
 
 # Config groups only CBQ reads.
@@ -66,6 +70,26 @@ class QuantMethod(ABC):
         self.cfg = cfg
         self.run_cfg = run_cfg
         self.quant = run_cfg.quant
+
+    def block_pipeline(
+        self,
+        adapter: ModelAdapter,
+        calib: torch.Tensor,
+        ctx: RunContext,
+        batch_size: int,
+        restore: Callable[[int], None],
+    ) -> BlockPipeline:
+        """The sequential pipeline for this method's blocks, checkpointed when ``ctx`` is
+        resumable; ``restore(index)`` rebuilds a block's modules as the method leaves them."""
+        checkpoint = None
+        if ctx.resumable:
+            settings = {"method": asdict(self.cfg), "quant": asdict(self.quant)}
+            checkpoint = Checkpoint(
+                ctx.run_dir / "checkpoint" / self.name,
+                settings_fingerprint(settings, calib),
+                restore,
+            )
+        return BlockPipeline(adapter, ctx.device, batch_size, self.name, checkpoint)
 
     @abstractmethod
     def quantize(

@@ -35,9 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from cbq.blockwise import context_for, embed_batches, run_block
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import BlockContext, ModelAdapter
 from cbq.quant import (
@@ -391,26 +389,39 @@ class GPTQ(QuantMethod):
         assert calib is not None, "GPTQ needs calibration data"
         started = time.perf_counter()
         batch_size = self.cfg.batch_size
-        hidden = embed_batches(adapter, calib, batch_size, ctx.device)
-        block_ctx = context_for(adapter, hidden, batch_size)
-        layers: dict[str, dict[str, float]] = {}
-        progress = tqdm(range(len(adapter.blocks())), desc="gptq", unit="block")
-        for index in progress:
+        pipeline = self.block_pipeline(adapter, calib, ctx, batch_size, self._wrap(adapter))
+
+        def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
             stream = BlockStream(adapter, index, hidden, block_ctx, batch_size)
             block_layers = self.quantize_block(stream)
-            layers |= {f"{index}.{name}": errors for name, errors in block_layers.items()}
             if block_layers:
                 ratio = mean_error_ratio(block_layers.values())
-                progress.set_postfix(err_vs_rtn=f"{ratio:.3f}")
                 ctx.log({"gptq/block": index, "gptq/error_vs_rtn": ratio})
-            hidden = run_block(adapter, index, hidden, block_ctx, batch_size)
+            return {f"{index}.{name}": errors for name, errors in block_layers.items()}
+
+        layers = {
+            name: errors for block in pipeline.run(calib, work) for name, errors in block.items()
+        }
         return {
             "n_quantized_linears": len(adapter.blocks()) * len(adapter.linear_names()),
             "time_s": round(time.perf_counter() - started, 3),
             # Geometric mean over linears of E||(W - Q) x||^2 relative to RTN's.
             "error_vs_rtn": mean_error_ratio(layers.values()) if layers else None,
             "layers": layers,
-        }
+        } | ({"resumed_at_block": pipeline.resumed_at} if pipeline.resumed_at else {})
+
+    def _wrap(self, adapter: ModelAdapter) -> Callable[[int], None]:
+        """Wraps block ``index`` as quantize_block leaves it (for a resumed run)."""
+
+        def wrap(index: int) -> None:
+            wrap_block(
+                adapter.blocks()[index],
+                adapter.linear_names(),
+                self.quant.weight_spec(),
+                self.quant.act_spec(),
+            )
+
+        return wrap
 
     def quantize_block(self, stream: BlockStream) -> dict[str, dict[str, float]]:
         """Wrap, calibrate activations, GPTQ every linear and materialize block ``index``."""

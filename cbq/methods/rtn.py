@@ -7,16 +7,17 @@ block by block; dynamic ones need no calibration.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from cbq.blockwise import context_for, embed_batches, run_block
+from cbq.blockwise import run_block
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
-from cbq.models.adapter import ModelAdapter
-from cbq.quant import observing_activations, wrap_block
+from cbq.models.adapter import BlockContext, ModelAdapter
+from cbq.quant import QuantLinear, observing_activations, wrap_block
 
 
 @dataclass
@@ -39,18 +40,34 @@ class RoundToNearest(QuantMethod):
     def quantize(
         self, adapter: ModelAdapter, calib: torch.Tensor | None, ctx: RunContext
     ) -> dict[str, Any]:
-        weight_spec, act_spec = self.quant.weight_spec(), self.quant.act_spec()
-        blocks = adapter.blocks()
-        hidden = None
-        if self.needs_calibration:
-            assert calib is not None, "static activation ranges need calibration data"
-            hidden = embed_batches(adapter, calib, self.cfg.batch_size, ctx.device)
-            block_ctx = context_for(adapter, hidden, self.cfg.batch_size)
-        for index in tqdm(range(len(blocks)), desc="rtn", unit="block"):
-            wrapped = wrap_block(blocks[index], adapter.linear_names(), weight_spec, act_spec)
-            if hidden is not None:
-                with torch.no_grad(), observing_activations(blocks[index]):
-                    hidden = run_block(adapter, index, hidden, block_ctx, self.cfg.batch_size)
-            for qlinear in wrapped.values():
-                qlinear.materialize()
-        return {"n_quantized_linears": len(blocks) * len(adapter.linear_names())}
+        stats = {"n_quantized_linears": len(adapter.blocks()) * len(adapter.linear_names())}
+        if not self.needs_calibration:  # weights only: no stream to walk
+            for index in tqdm(range(len(adapter.blocks())), desc="rtn", unit="block"):
+                self._materialize(self._wrap(adapter, index))
+            return stats
+        assert calib is not None, "static activation ranges need calibration data"
+
+        def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
+            qlinears = self._wrap(adapter, index)
+            with torch.no_grad(), observing_activations(adapter.blocks()[index]):
+                run_block(adapter, index, hidden, block_ctx, self.cfg.batch_size)
+            self._materialize(qlinears)
+            return {}
+
+        wrap = functools.partial(self._wrap, adapter)
+        pipeline = self.block_pipeline(adapter, calib, ctx, self.cfg.batch_size, wrap)
+        pipeline.run(calib, work)
+        return stats | ({"resumed_at_block": pipeline.resumed_at} if pipeline.resumed_at else {})
+
+    def _wrap(self, adapter: ModelAdapter, index: int) -> dict[str, QuantLinear]:
+        return wrap_block(
+            adapter.blocks()[index],
+            adapter.linear_names(),
+            self.quant.weight_spec(),
+            self.quant.act_spec(),
+        )
+
+    @staticmethod
+    def _materialize(qlinears: dict[str, QuantLinear]) -> None:
+        for qlinear in qlinears.values():
+            qlinear.materialize()

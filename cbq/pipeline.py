@@ -1,0 +1,149 @@
+"""The sequential block pipeline of the block-wise methods (RTN, GPTQ so far).
+
+The calibration stream enters block 0; each block is quantized by the method on the stream
+that the quantized blocks before it produce, then the stream advances through it. The method
+only supplies the work for one block. The pipeline owns the stream, the progress bar and the
+checkpoints: after every block, the block's final state (written once) and the stream go to
+``<run dir>/checkpoint/<method>/``, atomically, so that a killed run resumes after the last
+finished block and ends with the same model as an uninterrupted run. A finished run deletes
+its checkpoint (it is cheap to redo, unlike CBQ's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cbq.blockwise import context_for, embed_batches, run_block
+from cbq.models.adapter import BlockContext, ModelAdapter
+
+log = logging.getLogger(__name__)
+
+# The work for one block: quantize block ``index`` in place from the stream entering it;
+# returns the block's statistics (any JSON-able dict).
+BlockWork = Callable[[int, torch.Tensor, BlockContext], dict[str, Any]]
+
+
+def settings_fingerprint(settings: Any, calib: torch.Tensor | None) -> str:
+    """Identifies a run's checkpoint: changes with any setting or with the calibration data."""
+    payload = json.dumps(
+        {
+            "settings": settings,
+            "calib": None if calib is None else calib.sum().item(),
+            "calib_shape": None if calib is None else list(calib.shape),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cpu_state(module: nn.Module) -> dict[str, Any]:
+    """A copy of ``module``'s state on the CPU (extra states, not tensors, as they are)."""
+    return {
+        k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+        for k, v in module.state_dict().items()
+    }
+
+
+def atomic_save(payload: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a block-wise run checkpoints, and what identifies it."""
+
+    folder: Path
+    fingerprint: str
+    # Rebuild block ``index``'s modules as the method leaves them (say, wrapped in
+    # QuantLinear) so that its saved state loads into them.
+    restore: Callable[[int], None]
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "state.pt"
+
+    def block_path(self, index: int) -> Path:
+        return self.folder / f"block_{index}.pt"
+
+
+class BlockPipeline:
+    # Test hook: simulate a kill after this block's checkpoint.
+    stop_after_block: int | None = None
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        device: torch.device,
+        batch_size: int,
+        desc: str,
+        checkpoint: Checkpoint | None = None,
+    ):
+        self.adapter, self.device, self.batch_size = adapter, device, batch_size
+        self.desc, self.checkpoint = desc, checkpoint
+        self.resumed_at: int | None = None
+
+    def run(self, calib: torch.Tensor, work: BlockWork) -> list[dict[str, Any]]:
+        """Every block through ``work``, in order; returns each block's statistics."""
+        first, hidden, stats = self._resume()
+        if hidden is None:
+            hidden = embed_batches(self.adapter, calib, self.batch_size, self.device)
+        ctx = context_for(self.adapter, hidden, self.batch_size)
+        n_blocks = len(self.adapter.blocks())
+        progress = tqdm(range(first, n_blocks), desc=self.desc, unit="block", initial=first)
+        for index in progress:
+            stats.append(work(index, hidden, ctx))
+            hidden = run_block(self.adapter, index, hidden, ctx, self.batch_size)
+            self._save(index, hidden, stats)
+            if self.stop_after_block == index:
+                raise KeyboardInterrupt(f"stopped after block {index} (test hook)")
+        if self.checkpoint is not None:
+            shutil.rmtree(self.checkpoint.folder, ignore_errors=True)
+        return stats
+
+    def _save(self, index: int, hidden: torch.Tensor, stats: list[dict[str, Any]]) -> None:
+        if self.checkpoint is None:
+            return
+        atomic_save(cpu_state(self.adapter.blocks()[index]), self.checkpoint.block_path(index))
+        atomic_save(
+            {
+                "fingerprint": self.checkpoint.fingerprint,
+                "next_block": index + 1,
+                "hidden": hidden.cpu(),
+                "stats": stats,
+            },
+            self.checkpoint.state_path,
+        )
+
+    def _resume(self) -> tuple[int, torch.Tensor | None, list[dict[str, Any]]]:
+        """The first block to run, the stream entering it and the statistics so far."""
+        if self.checkpoint is None or not self.checkpoint.state_path.exists():
+            return 0, None, []
+        state = torch.load(self.checkpoint.state_path, weights_only=False)
+        if state["fingerprint"] != self.checkpoint.fingerprint:
+            raise RuntimeError(
+                f"{self.checkpoint.folder} belongs to a run with other settings or calibration "
+                "data; delete it or use another hydra.run.dir"
+            )
+        blocks = self.adapter.blocks()
+        for index in range(state["next_block"]):
+            self.checkpoint.restore(index)
+            blocks[index].load_state_dict(torch.load(self.checkpoint.block_path(index)))
+        self.resumed_at = state["next_block"]
+        log.info("resumed %s at block %d", self.desc, self.resumed_at)
+        return self.resumed_at, state["hidden"].to(self.device), state["stats"]

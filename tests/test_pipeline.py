@@ -1,0 +1,59 @@
+"""The sequential block pipeline: a killed block-wise run resumes to the same model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cbq.config import Config, QuantConfig
+from cbq.methods import RunContext, build_method
+from cbq.models import adapter_for, tiny_model
+from cbq.pipeline import BlockPipeline
+
+from helpers import CPU, tokens
+
+W4A8 = QuantConfig(name="w4a8", w_bits=4, a_bits=8)  # static activations: RTN walks the stream
+
+
+def quantize(method: str, run_dir: Path, **fields) -> tuple[torch.nn.Module, dict]:
+    model = tiny_model("llama", num_hidden_layers=4)
+    quantizer = build_method(Config(method={"name": method, **fields}, quant=W4A8))
+    context = RunContext(CPU, run_dir, resumable=True)
+    stats = quantizer.quantize(adapter_for(model), tokens(6, seed=0, seqlen=24), context)
+    return model, stats
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch, method):
+    uninterrupted, _ = quantize(method, tmp_path / "a")
+    monkeypatch.setattr(BlockPipeline, "stop_after_block", 1)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(method, tmp_path / "b")
+    monkeypatch.setattr(BlockPipeline, "stop_after_block", None)
+    resumed, stats = quantize(method, tmp_path / "b")  # a fresh FP model, as a new process
+    assert stats["resumed_at_block"] == 2
+    expected, actual = uninterrupted.state_dict(), resumed.state_dict()
+    assert expected.keys() == actual.keys()
+    for key, value in expected.items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, actual[key]), key
+    assert not (tmp_path / "b" / "checkpoint" / method).exists()  # a finished run cleans up
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(BlockPipeline, "stop_after_block", 0)
+    with pytest.raises(KeyboardInterrupt):
+        quantize("gptq", tmp_path)
+    monkeypatch.setattr(BlockPipeline, "stop_after_block", None)
+    with pytest.raises(RuntimeError, match="other settings"):
+        quantize("gptq", tmp_path, percdamp=0.1)
+
+
+def test_a_method_called_on_its_own_writes_no_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model("llama")
+    method = build_method(Config(method={"name": "gptq"}, quant=W4A8))
+    method.quantize(adapter_for(model), tokens(4, seed=0, seqlen=24), RunContext(CPU, Path()))
+    assert not any(tmp_path.iterdir())
