@@ -1,4 +1,6 @@
-"""The sequential block pipeline of the block-wise methods (RTN, GPTQ so far).
+"""The sequential block pipeline of the block-wise methods: RTN (static activations), GPTQ,
+AWQ, SmoothQuant and OS+. OmniQuant (two streams) and CBQ (windows of blocks) keep their own
+loops for now; CBQ shares the fingerprint and the atomic saves.
 
 The calibration stream enters block 0; each block is quantized by the method on the stream
 that the quantized blocks before it produce, then the stream advances through it. The method
@@ -72,7 +74,7 @@ class Checkpoint:
     fingerprint: str
     # Rebuild block ``index``'s modules as the method leaves them (say, wrapped in
     # QuantLinear) so that its saved state loads into them.
-    restore: Callable[[int], None]
+    restore: Callable[[int], Any]
 
     @property
     def state_path(self) -> Path:
@@ -115,6 +117,11 @@ class BlockPipeline:
         if self.checkpoint is not None:
             shutil.rmtree(self.checkpoint.folder, ignore_errors=True)
         return stats
+
+    def resume_stats(self) -> dict[str, int]:
+        """``{"resumed_at_block": n}`` for a run that resumed a checkpoint (its quantize time
+        covers only the blocks after it), else nothing."""
+        return {} if self.resumed_at is None else {"resumed_at_block": self.resumed_at}
 
     def _save(self, index: int, hidden: torch.Tensor, stats: list[dict[str, Any]]) -> None:
         if self.checkpoint is None:

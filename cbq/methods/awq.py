@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from cbq.methods.base import Activations, MethodConfig, QuantMethod, RunContext
-from cbq.models.adapter import ModelAdapter, ScaleGroup
+from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup
 from cbq.quant import QuantSpec
 from cbq.transforms import (
     CalibrationStream,
@@ -99,33 +98,33 @@ class AWQ(QuantMethod):
                 self.quant.name,
             )
         started = time.perf_counter()
-        stream = CalibrationStream.embed(adapter, calib, self.cfg.batch_size, ctx.device)
-        alphas: dict[str, float] = {}
-        ratios: dict[str, float] = {}
-        clip_ratios: dict[str, float] = {}
-        quantized = 0
-        progress = tqdm(range(len(adapter.blocks())), desc="awq", unit="block")
-        for index in progress:
+
+        def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
+            stream = CalibrationStream(adapter, hidden, block_ctx, self.cfg.batch_size)
             block = self.transform_block(adapter, index, stream)
-            alphas |= {f"{index}.{k}": v for k, v in block["alphas"].items()}
-            ratios |= {f"{index}.{k}": v for k, v in block["mse_vs_rtn"].items()}
-            clip_ratios |= {f"{index}.{k}": v for k, v in block["clip"].items()}
-            quantized += rtn_quantize_block(stream, index, weight_spec, act_spec)
-            stream.advance(index)
+            block["quantized"] = rtn_quantize_block(stream, index, weight_spec, act_spec)
             block_ratio = geometric_mean(list(block["mse_vs_rtn"].values()))
             if block_ratio is not None:
-                progress.set_postfix(mse_vs_rtn=f"{block_ratio:.3f}")
                 ctx.log({"awq/block": index, "awq/mse_vs_rtn": block_ratio})
+            return {"index": index, **block}
+
+        pipeline = self.block_pipeline(adapter, calib, ctx, self.cfg.batch_size)
+        blocks = pipeline.run(calib, work)
+
+        def per_linear(key: str) -> dict[str, float]:
+            return {f"{b['index']}.{k}": v for b in blocks for k, v in b[key].items()}
+
+        ratios = per_linear("mse_vs_rtn")
         return {
-            "n_quantized_linears": quantized,
+            "n_quantized_linears": sum(b["quantized"] for b in blocks),
             "time_s": round(time.perf_counter() - started, 3),
-            "alphas": alphas,
+            "alphas": per_linear("alphas"),
             # Geometric mean over groups of the search MSE at the chosen alpha vs alpha = 0.
             "mse_vs_rtn": geometric_mean(list(ratios.values())),
             "groups_mse_vs_rtn": ratios,
             # Mean clipping ratio per linear (1 = not clipped).
-            "clip_ratios": clip_ratios,
-        }
+            "clip_ratios": per_linear("clip"),
+        } | pipeline.resume_stats()
 
     def transform_block(
         self, adapter: ModelAdapter, index: int, stream: CalibrationStream

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,7 @@ import torch
 from cbq.config import Config, QuantConfig
 from cbq.models.adapter import ModelAdapter
 from cbq.pipeline import BlockPipeline, Checkpoint, settings_fingerprint
+from cbq.quant import QuantLinear, wrap_block
 
 
 @dataclass
@@ -71,24 +73,27 @@ class QuantMethod(ABC):
         self.run_cfg = run_cfg
         self.quant = run_cfg.quant
 
+    def wrap(self, adapter: ModelAdapter, index: int) -> dict[str, QuantLinear]:
+        """Block ``index``'s linears wrapped in QuantLinear on this run's grids."""
+        return wrap_block(
+            adapter.blocks()[index],
+            adapter.linear_names(),
+            self.quant.weight_spec(),
+            self.quant.act_spec(),
+        )
+
     def block_pipeline(
-        self,
-        adapter: ModelAdapter,
-        calib: torch.Tensor,
-        ctx: RunContext,
-        batch_size: int,
-        restore: Callable[[int], None],
+        self, adapter: ModelAdapter, calib: torch.Tensor, ctx: RunContext, batch_size: int
     ) -> BlockPipeline:
         """The sequential pipeline for this method's blocks, checkpointed when ``ctx`` is
-        resumable; ``restore(index)`` rebuilds a block's modules as the method leaves them."""
+        resumable. A resumed block is rebuilt as :meth:`wrap` leaves it, then loaded: methods
+        whose blocks end otherwise override ``wrap``."""
         checkpoint = None
         if ctx.resumable:
             settings = {"method": asdict(self.cfg), "quant": asdict(self.quant)}
-            checkpoint = Checkpoint(
-                ctx.run_dir / "checkpoint" / self.name,
-                settings_fingerprint(settings, calib),
-                restore,
-            )
+            folder = ctx.run_dir / "checkpoint" / self.name
+            restore = functools.partial(self.wrap, adapter)
+            checkpoint = Checkpoint(folder, settings_fingerprint(settings, calib), restore)
         return BlockPipeline(adapter, ctx.device, batch_size, self.name, checkpoint)
 
     @abstractmethod

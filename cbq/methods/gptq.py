@@ -389,7 +389,7 @@ class GPTQ(QuantMethod):
         assert calib is not None, "GPTQ needs calibration data"
         started = time.perf_counter()
         batch_size = self.cfg.batch_size
-        pipeline = self.block_pipeline(adapter, calib, ctx, batch_size, self._wrap(adapter))
+        pipeline = self.block_pipeline(adapter, calib, ctx, batch_size)
 
         def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
             stream = BlockStream(adapter, index, hidden, block_ctx, batch_size)
@@ -408,20 +408,7 @@ class GPTQ(QuantMethod):
             # Geometric mean over linears of E||(W - Q) x||^2 relative to RTN's.
             "error_vs_rtn": mean_error_ratio(layers.values()) if layers else None,
             "layers": layers,
-        } | ({"resumed_at_block": pipeline.resumed_at} if pipeline.resumed_at else {})
-
-    def _wrap(self, adapter: ModelAdapter) -> Callable[[int], None]:
-        """Wraps block ``index`` as quantize_block leaves it (for a resumed run)."""
-
-        def wrap(index: int) -> None:
-            wrap_block(
-                adapter.blocks()[index],
-                adapter.linear_names(),
-                self.quant.weight_spec(),
-                self.quant.act_spec(),
-            )
-
-        return wrap
+        } | pipeline.resume_stats()
 
     def quantize_block(self, stream: BlockStream) -> dict[str, dict[str, float]]:
         """Wrap, calibrate activations, GPTQ every linear and materialize block ``index``."""

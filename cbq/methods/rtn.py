@@ -7,17 +7,15 @@ block by block; dynamic ones need no calibration.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from cbq.blockwise import run_block
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import BlockContext, ModelAdapter
-from cbq.quant import QuantLinear, observing_activations, wrap_block
+from cbq.transforms import CalibrationStream, rtn_quantize_block
 
 
 @dataclass
@@ -43,31 +41,18 @@ class RoundToNearest(QuantMethod):
         stats = {"n_quantized_linears": len(adapter.blocks()) * len(adapter.linear_names())}
         if not self.needs_calibration:  # weights only: no stream to walk
             for index in tqdm(range(len(adapter.blocks())), desc="rtn", unit="block"):
-                self._materialize(self._wrap(adapter, index))
+                for qlinear in self.wrap(adapter, index).values():
+                    qlinear.materialize()
             return stats
         assert calib is not None, "static activation ranges need calibration data"
+        weight_spec, act_spec = self.quant.weight_spec(), self.quant.act_spec()
+        batch_size = self.cfg.batch_size
 
         def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
-            qlinears = self._wrap(adapter, index)
-            with torch.no_grad(), observing_activations(adapter.blocks()[index]):
-                run_block(adapter, index, hidden, block_ctx, self.cfg.batch_size)
-            self._materialize(qlinears)
+            stream = CalibrationStream(adapter, hidden, block_ctx, batch_size)
+            rtn_quantize_block(stream, index, weight_spec, act_spec)
             return {}
 
-        wrap = functools.partial(self._wrap, adapter)
-        pipeline = self.block_pipeline(adapter, calib, ctx, self.cfg.batch_size, wrap)
+        pipeline = self.block_pipeline(adapter, calib, ctx, batch_size)
         pipeline.run(calib, work)
-        return stats | ({"resumed_at_block": pipeline.resumed_at} if pipeline.resumed_at else {})
-
-    def _wrap(self, adapter: ModelAdapter, index: int) -> dict[str, QuantLinear]:
-        return wrap_block(
-            adapter.blocks()[index],
-            adapter.linear_names(),
-            self.quant.weight_spec(),
-            self.quant.act_spec(),
-        )
-
-    @staticmethod
-    def _materialize(qlinears: dict[str, QuantLinear]) -> None:
-        for qlinear in qlinears.values():
-            qlinear.materialize()
+        return stats | pipeline.resume_stats()

@@ -43,11 +43,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from cbq.cfp import collect_channel_absmax
 from cbq.methods.base import Activations, MethodConfig, QuantMethod, RunContext
-from cbq.models.adapter import ModelAdapter, ScaleGroup
+from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup
 from cbq.transforms import (
     CalibrationStream,
     InputStats,
@@ -156,30 +155,31 @@ class _Smoothing(QuantMethod):
                 self.quant.name,
             )
         started = time.perf_counter()
-        stream = CalibrationStream.embed(adapter, calib, self.cfg.batch_size, ctx.device)
-        per_group: dict[str, dict[str, Any]] = {}
-        quantized = 0
-        progress = tqdm(range(len(adapter.blocks())), desc=self.name, unit="block")
-        for index in progress:
+
+        def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
+            stream = CalibrationStream(adapter, hidden, block_ctx, self.cfg.batch_size)
             block_stats = self.transform_block(adapter, index, stream)
+            quantized = rtn_quantize_block(stream, index, weight_spec, act_spec)
             postfix = self.block_postfix(block_stats)
-            per_group |= {f"{index}.{group}": value for group, value in block_stats.items()}
-            quantized += rtn_quantize_block(stream, index, weight_spec, act_spec)
-            stream.advance(index)
             if postfix:
-                progress.set_postfix(postfix)
                 ctx.log(
                     {
                         f"{self.name}/block": index,
                         **{f"{self.name}/{k}": v for k, v in postfix.items()},
                     }
                 )
+            groups = {f"{index}.{group}": value for group, value in block_stats.items()}
+            return {"groups": groups, "quantized": quantized}
+
+        pipeline = self.block_pipeline(adapter, calib, ctx, self.cfg.batch_size)
+        blocks = pipeline.run(calib, work)
+        per_group = {name: value for b in blocks for name, value in b["groups"].items()}
         return {
-            "n_quantized_linears": quantized,
+            "n_quantized_linears": sum(b["quantized"] for b in blocks),
             "time_s": round(time.perf_counter() - started, 3),
             **self.summary(per_group),
             "groups": per_group,
-        }
+        } | pipeline.resume_stats()
 
     def summary(self, per_group: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {}
