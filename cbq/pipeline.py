@@ -1,11 +1,13 @@
 """The sequential block pipeline of the block-wise methods: RTN (static activations), GPTQ,
-AWQ, SmoothQuant and OS+. OmniQuant (two streams) and CBQ (windows of blocks) keep their own
-loops for now; CBQ shares the fingerprint and the atomic saves.
+AWQ, SmoothQuant, OS+ and OmniQuant. CBQ (windows of several blocks) keeps its own loop for
+now and shares the fingerprint and the atomic saves.
 
 The calibration stream enters block 0; each block is quantized by the method on the stream
-that the quantized blocks before it produce, then the stream advances through it. The method
+that the quantized blocks before it produce, then the stream advances through it. A method
+that trains against the FP model (OmniQuant) also gets the FP stream, which advances through
+the FP block's output the method computed as its target: every FP block runs once. The method
 only supplies the work for one block. The pipeline owns the stream, the progress bar and the
-checkpoints: after every block, the block's final state (written once) and the stream go to
+checkpoints: after every block, the block's final state (written once) and the streams go to
 ``<run dir>/checkpoint/<method>/``, atomically, so that a killed run resumes after the last
 finished block and ends with the same model as an uninterrupted run. A finished run deletes
 its checkpoint (it is cheap to redo, unlike CBQ's).
@@ -32,9 +34,21 @@ from cbq.models.adapter import BlockContext, ModelAdapter
 
 log = logging.getLogger(__name__)
 
-# The work for one block: quantize block ``index`` in place from the stream entering it;
-# returns the block's statistics (any JSON-able dict).
-BlockWork = Callable[[int, torch.Tensor, BlockContext], dict[str, Any]]
+
+@dataclass
+class Streams:
+    """The cached hidden states entering the current block, (n, t, h) each."""
+
+    quantized: torch.Tensor  # the quantized blocks' outputs so far: the block's input
+    fp: torch.Tensor | None = None  # the FP model's, where the method asks for them
+    # Set by the work of a method that tracks ``fp``: the FP block's output on ``fp``
+    # (its target, computed before the block is quantized).
+    fp_next: torch.Tensor | None = None
+
+
+# The work for one block: quantize block ``index`` in place from the streams entering it;
+# returns the block's statistics.
+BlockWork = Callable[[int, Streams, BlockContext], dict[str, Any]]
 
 
 def settings_fingerprint(settings: Any, calib: torch.Tensor | None) -> str:
@@ -95,23 +109,25 @@ class BlockPipeline:
         batch_size: int,
         desc: str,
         checkpoint: Checkpoint | None = None,
+        fp_stream: bool = False,
     ):
         self.adapter, self.device, self.batch_size = adapter, device, batch_size
-        self.desc, self.checkpoint = desc, checkpoint
+        self.desc, self.checkpoint, self.fp_stream = desc, checkpoint, fp_stream
         self.resumed_at: int | None = None
 
     def run(self, calib: torch.Tensor, work: BlockWork) -> list[dict[str, Any]]:
         """Every block through ``work``, in order; returns each block's statistics."""
-        first, hidden, stats = self._resume()
-        if hidden is None:
+        first, streams, stats = self._resume()
+        if streams is None:
             hidden = embed_batches(self.adapter, calib, self.batch_size, self.device)
-        ctx = context_for(self.adapter, hidden, self.batch_size)
+            streams = Streams(hidden, hidden if self.fp_stream else None)
+        ctx = context_for(self.adapter, streams.quantized, self.batch_size)
         n_blocks = len(self.adapter.blocks())
         progress = tqdm(range(first, n_blocks), desc=self.desc, unit="block", initial=first)
         for index in progress:
-            stats.append(work(index, hidden, ctx))
-            hidden = run_block(self.adapter, index, hidden, ctx, self.batch_size)
-            self._save(index, hidden, stats)
+            stats.append(work(index, streams, ctx))
+            streams = self._advance(index, streams, ctx)
+            self._save(index, streams, stats)
             if self.stop_after_block == index:
                 raise KeyboardInterrupt(f"stopped after block {index} (test hook)")
         if self.checkpoint is not None:
@@ -123,7 +139,16 @@ class BlockPipeline:
         covers only the blocks after it), else nothing."""
         return {} if self.resumed_at is None else {"resumed_at_block": self.resumed_at}
 
-    def _save(self, index: int, hidden: torch.Tensor, stats: list[dict[str, Any]]) -> None:
+    def _advance(self, index: int, streams: Streams, ctx: BlockContext) -> Streams:
+        """The streams entering block ``index + 1``."""
+        quantized = run_block(self.adapter, index, streams.quantized, ctx, self.batch_size)
+        if not self.fp_stream:
+            return Streams(quantized)
+        if streams.fp_next is None:
+            raise RuntimeError(f"{self.desc}: block {index}'s work did not set Streams.fp_next")
+        return Streams(quantized, streams.fp_next)
+
+    def _save(self, index: int, streams: Streams, stats: list[dict[str, Any]]) -> None:
         if self.checkpoint is None:
             return
         atomic_save(cpu_state(self.adapter.blocks()[index]), self.checkpoint.block_path(index))
@@ -131,14 +156,15 @@ class BlockPipeline:
             {
                 "fingerprint": self.checkpoint.fingerprint,
                 "next_block": index + 1,
-                "hidden": hidden.cpu(),
+                "quantized": streams.quantized.cpu(),
+                "fp": None if streams.fp is None else streams.fp.cpu(),
                 "stats": stats,
             },
             self.checkpoint.state_path,
         )
 
-    def _resume(self) -> tuple[int, torch.Tensor | None, list[dict[str, Any]]]:
-        """The first block to run, the stream entering it and the statistics so far."""
+    def _resume(self) -> tuple[int, Streams | None, list[dict[str, Any]]]:
+        """The first block to run, the streams entering it and the statistics so far."""
         if self.checkpoint is None or not self.checkpoint.state_path.exists():
             return 0, None, []
         state = torch.load(self.checkpoint.state_path, weights_only=False)
@@ -153,4 +179,5 @@ class BlockPipeline:
             blocks[index].load_state_dict(torch.load(self.checkpoint.block_path(index)))
         self.resumed_at = state["next_block"]
         log.info("resumed %s at block %d", self.desc, self.resumed_at)
-        return self.resumed_at, state["hidden"].to(self.device), state["stats"]
+        fp = None if state["fp"] is None else state["fp"].to(self.device)
+        return self.resumed_at, Streams(state["quantized"].to(self.device), fp), state["stats"]

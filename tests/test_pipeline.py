@@ -25,7 +25,7 @@ def quantize(method: str, run_dir: Path, **fields) -> tuple[torch.nn.Module, dic
     return model, stats
 
 
-@pytest.mark.parametrize("method", ["gptq", "rtn", "awq", "smoothquant", "osplus"])
+@pytest.mark.parametrize("method", ["gptq", "rtn", "awq", "smoothquant", "osplus", "omniquant"])
 def test_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch, method):
     uninterrupted, _ = quantize(method, tmp_path / "a")
     monkeypatch.setattr(BlockPipeline, "stop_after_block", 1)

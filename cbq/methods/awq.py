@@ -30,6 +30,7 @@ import torch
 
 from cbq.methods.base import Activations, MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup
+from cbq.pipeline import Streams
 from cbq.quant import QuantSpec
 from cbq.transforms import (
     CalibrationStream,
@@ -99,8 +100,8 @@ class AWQ(QuantMethod):
             )
         started = time.perf_counter()
 
-        def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
-            stream = CalibrationStream(adapter, hidden, block_ctx, self.cfg.batch_size)
+        def work(index: int, streams: Streams, block_ctx: BlockContext) -> dict[str, Any]:
+            stream = CalibrationStream(adapter, streams.quantized, block_ctx, self.cfg.batch_size)
             block = self.transform_block(adapter, index, stream)
             block["quantized"] = rtn_quantize_block(stream, index, weight_spec, act_spec)
             block_ratio = geometric_mean(list(block["mse_vs_rtn"].values()))

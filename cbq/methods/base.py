@@ -83,7 +83,12 @@ class QuantMethod(ABC):
         )
 
     def block_pipeline(
-        self, adapter: ModelAdapter, calib: torch.Tensor, ctx: RunContext, batch_size: int
+        self,
+        adapter: ModelAdapter,
+        calib: torch.Tensor,
+        ctx: RunContext,
+        batch_size: int,
+        fp_stream: bool = False,
     ) -> BlockPipeline:
         """The sequential pipeline for this method's blocks, checkpointed when ``ctx`` is
         resumable. A resumed block is rebuilt as :meth:`wrap` leaves it, then loaded: methods
@@ -94,7 +99,7 @@ class QuantMethod(ABC):
             folder = ctx.run_dir / "checkpoint" / self.name
             restore = functools.partial(self.wrap, adapter)
             checkpoint = Checkpoint(folder, settings_fingerprint(settings, calib), restore)
-        return BlockPipeline(adapter, ctx.device, batch_size, self.name, checkpoint)
+        return BlockPipeline(adapter, ctx.device, batch_size, self.name, checkpoint, fp_stream)
 
     @abstractmethod
     def quantize(

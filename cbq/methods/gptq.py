@@ -38,6 +38,7 @@ from torch import nn
 
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import BlockContext, ModelAdapter
+from cbq.pipeline import Streams
 from cbq.quant import (
     Granularity,
     QuantLinear,
@@ -391,8 +392,8 @@ class GPTQ(QuantMethod):
         batch_size = self.cfg.batch_size
         pipeline = self.block_pipeline(adapter, calib, ctx, batch_size)
 
-        def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
-            stream = BlockStream(adapter, index, hidden, block_ctx, batch_size)
+        def work(index: int, streams: Streams, block_ctx: BlockContext) -> dict[str, Any]:
+            stream = BlockStream(adapter, index, streams.quantized, block_ctx, batch_size)
             block_layers = self.quantize_block(stream)
             if block_layers:
                 ratio = mean_error_ratio(block_layers.values())

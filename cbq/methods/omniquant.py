@@ -64,10 +64,11 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from cbq.blockwise import context_for, embed_batches, run_block
+from cbq.blockwise import run_block
 from cbq.losses import check_finite
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup, check_scale
+from cbq.pipeline import Streams
 from cbq.quant import (
     Granularity,
     QuantLinear,
@@ -539,14 +540,6 @@ def reconstruction_loss(
 
 # --- the method -----------------------------------------------------------------------------
 @dataclass
-class _Streams:
-    """Cached hidden states entering the current block, (n, t, h) each."""
-
-    quantized: torch.Tensor  # outputs of the quantized blocks so far: the block's input
-    fp: torch.Tensor  # the FP model's hidden states: its target is the FP block on them
-
-
-@dataclass
 class _BlockData:
     """What one block trains on: inputs, targets and the loss normaliser."""
 
@@ -569,29 +562,29 @@ class OmniQuant(QuantMethod):
     ) -> dict[str, Any]:
         assert calib is not None, "OmniQuant needs calibration data"
         started = time.perf_counter()
-        hidden = embed_batches(adapter, calib, self.cfg.batch_size, ctx.device)
-        streams = _Streams(quantized=hidden, fp=hidden)
-        block_ctx = context_for(adapter, hidden, self.cfg.batch_size)
-        n_blocks = len(adapter.blocks())
-        blocks = []
-        for index in tqdm(range(n_blocks), desc="omniquant", unit="block"):
-            streams, stats = self.quantize_block(adapter, index, streams, block_ctx, ctx)
-            blocks.append(stats)
+        pipeline = self.block_pipeline(adapter, calib, ctx, self.cfg.batch_size, fp_stream=True)
+        blocks = pipeline.run(
+            calib,
+            lambda index, streams, block_ctx: self.quantize_block(
+                adapter, index, streams, block_ctx, ctx
+            ),
+        )
         return {
-            "n_quantized_linears": n_blocks * len(adapter.linear_names()),
+            "n_quantized_linears": len(adapter.blocks()) * len(adapter.linear_names()),
             "time_s": round(time.perf_counter() - started, 3),
             "blocks": blocks,
-        }
+        } | pipeline.resume_stats()
 
     def quantize_block(
         self,
         adapter: ModelAdapter,
         index: int,
-        streams: _Streams,
+        streams: Streams,
         block_ctx: BlockContext,
         ctx: RunContext,
-    ) -> tuple[_Streams, dict[str, Any]]:
-        """Targets, wrapping, LET/LWC set-up, activation ranges, training, commit, advance."""
+    ) -> dict[str, Any]:
+        """Targets, wrapping, LET/LWC set-up, activation ranges, training and commit; the FP
+        target becomes ``streams.fp_next``."""
         block = adapter.blocks()[index]
         block.requires_grad_(False)
         ranges: dict[str, ChannelRange] = {}
@@ -606,15 +599,14 @@ class OmniQuant(QuantMethod):
                     transform.run(chunk.to(_device(block)), block_ctx, quantize=False)
         stats = self.train_block(transform, data, len(adapter.blocks()), ctx)
         transform.commit()
-        with torch.no_grad():
-            quantized = run_block(adapter, index, streams.quantized, block_ctx, self.cfg.batch_size)
-        return _Streams(quantized=quantized, fp=data.targets[0]), stats
+        streams.fp_next = data.targets[0]
+        return stats
 
     def _block_data(
         self,
         adapter: ModelAdapter,
         index: int,
-        streams: _Streams,
+        streams: Streams,
         block_ctx: BlockContext,
         ranges: dict[str, ChannelRange],
     ) -> _BlockData:

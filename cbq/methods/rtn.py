@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import BlockContext, ModelAdapter
+from cbq.pipeline import Streams
 from cbq.transforms import CalibrationStream, rtn_quantize_block
 
 
@@ -48,8 +49,8 @@ class RoundToNearest(QuantMethod):
         weight_spec, act_spec = self.quant.weight_spec(), self.quant.act_spec()
         batch_size = self.cfg.batch_size
 
-        def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
-            stream = CalibrationStream(adapter, hidden, block_ctx, batch_size)
+        def work(index: int, streams: Streams, block_ctx: BlockContext) -> dict[str, Any]:
+            stream = CalibrationStream(adapter, streams.quantized, block_ctx, batch_size)
             rtn_quantize_block(stream, index, weight_spec, act_spec)
             return {}
 

@@ -47,6 +47,7 @@ import torch
 from cbq.cfp import collect_channel_absmax
 from cbq.methods.base import Activations, MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup
+from cbq.pipeline import Streams
 from cbq.transforms import (
     CalibrationStream,
     InputStats,
@@ -156,8 +157,8 @@ class _Smoothing(QuantMethod):
             )
         started = time.perf_counter()
 
-        def work(index: int, hidden: torch.Tensor, block_ctx: BlockContext) -> dict[str, Any]:
-            stream = CalibrationStream(adapter, hidden, block_ctx, self.cfg.batch_size)
+        def work(index: int, streams: Streams, block_ctx: BlockContext) -> dict[str, Any]:
+            stream = CalibrationStream(adapter, streams.quantized, block_ctx, self.cfg.batch_size)
             block_stats = self.transform_block(adapter, index, stream)
             quantized = rtn_quantize_block(stream, index, weight_spec, act_spec)
             postfix = self.block_postfix(block_stats)
