@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_INSTALL ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format bench peers archive-results clean
+.PHONY: setup run test test-fast lint format bench peers archive-results gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,19 @@ $(PEERS_VENV)/.installed:
 # Commit the records behind the tables in docs/: finished runs' results.json, nothing else.
 archive-results: setup
 	$(PY) -m cbq.results archive multirun/* --to experiments/results/runs
+
+# Wheels for the GPU check (docs/gpu_check.md): what `python3 -m cbq` needs that the GPU
+# machine's image lacks, for its Python 3.12. antlr4 4.9.3 is a source release only: built
+# here (pure Python). .whl/ is git-ignored; the device call carries it.
+GPU_WHEELS ?= hydra-core==1.3.8 omegaconf==2.3.0
+GPU_SDISTS ?= antlr4-python3-runtime==4.9.3
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl $(GPU_SDISTS)
+	@ls -l .whl && du -sh .whl
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
