@@ -25,12 +25,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cbq.config import register_configs, validate
+from cbq.config import register_configs
 from cbq.data import calibration_batch
 from cbq.methods import method_config
 from cbq.models.loader import load_model
 from cbq.results import write_json_atomic
 from cbq.run import calibration_record, run
+from cbq.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"

@@ -26,7 +26,6 @@ from cbq.config import (
     EvalDType,
     ExportFormat,
     register_configs,
-    validate,
 )
 from cbq.data import calibration_batch, evaluation_windows, metric_name
 from cbq.eval import evaluate_zeroshot, perplexity, prepare_zeroshot
@@ -36,6 +35,7 @@ from cbq.models import adapter_for, load_model
 from cbq.results import RunRecord, write_skipped
 from cbq.sweep import skip_reason, sweep_overrides, swept_axes
 from cbq.tracking import Tracker
+from cbq.validation import validate
 
 log = logging.getLogger("cbq")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

@@ -8,8 +8,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from cbq.config import ConfigError, Granularity, validate
+from cbq.config import ConfigError, Granularity
 from cbq.quant.quantizer import FULL_PRECISION_BITS
+from cbq.validation import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -10,10 +10,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cbq.config import EXPERIMENTS_DIR, Config, ConfigError, register_configs, validate
+from cbq.config import EXPERIMENTS_DIR, Config, ConfigError, register_configs
 from cbq.methods import METHODS
 from cbq.run import tracking_labels
 from cbq.sweep import skip_reason, swept_axes
+from cbq.validation import validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 TABLES = sorted(p.stem for p in (EXPERIMENTS_DIR / "experiment").glob("table*.yaml"))

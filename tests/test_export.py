@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from cbq.config import ConfigError, ExportFormat, Granularity, QuantConfig, validate
+from cbq.config import ConfigError, ExportFormat, Granularity, QuantConfig
 from cbq.data import evaluation_windows
 from cbq.eval import perplexity
 from cbq.export import META_FILE, PACKED_FILE, directory_size, export_model, load_packed
@@ -24,6 +24,7 @@ from cbq.quant.packing import (
     unpack_bits,
     weight_codes,
 )
+from cbq.validation import validate
 
 from helpers import CPU, logits, rtn_method_model, rtn_model, tokens
 

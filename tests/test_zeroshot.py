@@ -10,11 +10,12 @@ import datasets
 import pytest
 import torch
 
-from cbq.config import ConfigError, OnMissing, ZeroShotConfig, validate
+from cbq.config import ConfigError, OnMissing, ZeroShotConfig
 from cbq.data import HubUnavailableError, documents
 from cbq.eval import offline_tasks, zeroshot
 from cbq.eval.offline_tasks import MIN_TARGET_CHARS, N_CHOICES, OFFLINE_TASKS, generate_examples
 from cbq.eval.zeroshot import evaluate_zeroshot, prepare_zeroshot
+from cbq.validation import validate
 
 NEWS_TASKS = "eval.zeroshot.tasks=[cbq_lambada_news,cbq_hellaswag_news]"
 

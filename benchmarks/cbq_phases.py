@@ -1,0 +1,111 @@
+"""Where a CBQ window's time goes: a per-phase breakdown on the first blocks of a model.
+
+The packaged model is cut to its first ``--blocks`` blocks and CBQ runs with its defaults
+(K=2, overlap 1, CFP weight_act, full-rank offset rounding, homologous L2+KL) on the
+preset=cpu calibration (16 x 256 tokens of wiki-sample, seed 0) at W3 g128. The trainer's
+phases are timed by wrapping its methods; each ``--forward-batch`` value (sequences per
+no-grad pass) is one run, side by side in one process.
+
+    python -m benchmarks.cbq_phases [--blocks 3] [--forward-batch 1 8]
+
+Phases (seconds over the whole run, inclusive of what they call):
+- prepare: CFP (activation scaling, weight truncation), FP copies, wrapping, ranges;
+- FP stream: the FP blocks on the FP stream (targets; once per block);
+- homologous targets: the FP blocks on the quantized stream, once per window;
+- training: the optimizer steps (train minus scoring);
+- scoring: the whole-calibration-set distances (initial, hardened, best iterate);
+- commit: hardening, materializing and the quantized stream through the committed blocks;
+- checkpoint: writing the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
+from cbq.config import QuantConfig
+from cbq.data import calibration_batch
+from cbq.models import adapter_for
+from cbq.models.loader import load_model
+
+W3G128 = QuantConfig(name="w3a16g128", w_bits=3, w_granularity="per_group", w_group_size=128)
+
+
+def timed(trainer: CBDTrainer, totals: dict[str, float]) -> None:
+    """Wrap the trainer's phase methods so that their time adds up in ``totals``."""
+
+    def wrap(method: str, phase: Callable[..., str]) -> None:
+        original = getattr(trainer, method)
+
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[phase(*args, **kwargs)] += time.perf_counter() - started
+
+        setattr(trainer, method, timed_call)
+
+    wrap("_prepare", lambda *a: "prepare")
+    wrap("_fp_output", lambda *a: "FP stream")
+    wrap("_run_range", lambda start, end, hidden, fp: "homologous targets" if fp else "q stream")
+    wrap("_train", lambda *a: "train")
+    wrap("_sample_distances", lambda *a: "scoring")
+    wrap("_commit", lambda *a: "commit")
+    wrap("_save_checkpoint", lambda *a: "checkpoint")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--forward-batch", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args()
+    base, tokenizer = load_model(args.model, None, cache_dir=Path("~/.cache/cbq").expanduser())
+    base.model.layers = base.model.layers[: args.blocks]
+    base.config.num_hidden_layers = args.blocks
+    calib = calibration_batch("wiki-sample", tokenizer, n_samples=16, seqlen=256, seed=0)
+    runs: dict[int, dict[str, float]] = {}
+    for batch in args.forward_batch:
+        totals: dict[str, float] = defaultdict(float)
+        settings = TrainerSettings(knobs=TrainerKnobs(forward_batch=batch))
+        with tempfile.TemporaryDirectory() as run_dir:
+            trainer = CBDTrainer(
+                adapter_for(copy.deepcopy(base)),
+                W3G128,
+                settings,
+                torch.device("cpu"),
+                Path(run_dir),
+            )
+            timed(trainer, totals)
+            started = time.perf_counter()
+            trainer.run(calib)
+            totals["whole run"] = time.perf_counter() - started
+        totals["training"] = totals.pop("train") - totals["scoring"]
+        totals["commit"] -= totals["q stream"]  # the q stream is listed on its own
+        runs[batch] = totals
+
+    print(
+        f"{args.model}, first {args.blocks} blocks, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, 16 x 256 calibration tokens, W3 g128\n"
+    )
+    batches = list(runs)
+    print("| phase | " + " | ".join(f"forward_batch={b} (s)" for b in batches) + " |")
+    print("|---|" + "---|" * len(batches))
+    order = ["prepare", "FP stream", "homologous targets", "training", "scoring", "commit"]
+    for phase in [*order, "q stream", "checkpoint", "whole run"]:
+        cells = " | ".join(f"{runs[b].get(phase, 0.0):.2f}" for b in batches)
+        print(f"| {phase} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()

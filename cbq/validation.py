@@ -1,0 +1,186 @@
+"""Validation of a whole run config: every problem at once, with the field and the allowed
+values, before any model loads. The config dataclasses live in :mod:`cbq.config`; the checks
+that need a package (corpora, zero-shot tasks, each method's own dataclass) call it here, so
+that no import cycle runs through the config module.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from cbq.config import (
+    ACT_GRANULARITIES,
+    ALLOWED_BITS,
+    WEIGHT_GRANULARITIES,
+    Config,
+    ConfigError,
+    DataConfig,
+    ExportConfig,
+    ExportFormat,
+    QuantConfig,
+    WeightScope,
+    ZeroShotConfig,
+    experiment_problems,
+)
+from cbq.data import validate_corpus_name
+from cbq.eval.zeroshot import unknown_task_problem
+from cbq.methods import method_problems
+from cbq.quant.quantizer import FULL_PRECISION_BITS, Granularity
+
+
+def validate(cfg: DictConfig | Config) -> Config:
+    """Check ``cfg`` completely and return it as a typed object, or raise ConfigError."""
+    typed: Config = OmegaConf.to_object(_as_structured(cfg))  # type: ignore[assignment]
+    problems = [
+        *_quant_problems(typed.quant),
+        *_data_problems(typed.data),
+        *_method_problems(typed),
+    ]
+    problems += _cbq_component_problems(typed)
+    problems += experiment_problems(typed.experiment)
+    if typed.eval.batch_size < 1:
+        problems.append(f"eval.batch_size: {typed.eval.batch_size} must be >= 1")
+    problems += _zeroshot_problems(typed.eval.zeroshot)
+    problems += _export_problems(typed.export)
+    if problems:
+        raise ConfigError(problems)
+    return typed
+
+
+def _as_structured(cfg: DictConfig | Config) -> DictConfig:
+    if isinstance(cfg, Config):
+        return OmegaConf.structured(cfg)
+    return OmegaConf.merge(OmegaConf.structured(Config), cfg)  # type: ignore[return-value]
+
+
+def _bits_problem(field_name: str, bits: int) -> list[str]:
+    if bits == FULL_PRECISION_BITS or 2 <= bits <= 8:
+        return []
+    return [f"{field_name}: {bits} is not allowed; allowed: {ALLOWED_BITS}"]
+
+
+def _quant_problems(quant: QuantConfig) -> list[str]:
+    problems = _bits_problem("quant.w_bits", quant.w_bits) + _bits_problem(
+        "quant.a_bits", quant.a_bits
+    )
+    w_gran, a_gran = Granularity(quant.w_granularity), Granularity(quant.a_granularity)
+    if w_gran not in WEIGHT_GRANULARITIES:
+        problems.append(
+            f"quant.w_granularity: {w_gran.value} is not allowed; allowed: "
+            + ", ".join(g.value for g in WEIGHT_GRANULARITIES)
+        )
+    if a_gran not in ACT_GRANULARITIES:
+        problems.append(
+            f"quant.a_granularity: {a_gran.value} is not allowed; allowed: "
+            + ", ".join(g.value for g in ACT_GRANULARITIES)
+        )
+    if w_gran is Granularity.per_group and (quant.w_group_size is None or quant.w_group_size < 1):
+        problems.append(
+            f"quant.w_group_size: {quant.w_group_size} is not allowed with per_group; "
+            "allowed: a positive integer"
+        )
+    if w_gran is not Granularity.per_group and quant.w_group_size is not None:
+        problems.append(
+            f"quant.w_group_size: {quant.w_group_size} needs quant.w_granularity=per_group "
+            f"(got {w_gran.value}); allowed: null"
+        )
+    if (
+        a_gran is Granularity.per_token
+        and not quant.a_dynamic
+        and quant.a_bits < FULL_PRECISION_BITS
+    ):
+        problems.append(
+            "quant.a_dynamic: false is not allowed with per_token activations; allowed: true"
+        )
+    return problems
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+    problems = []
+    for field_name, name in [("data.calib", data.calib)] + [
+        (f"data.eval[{i}]", name) for i, name in enumerate(data.eval)
+    ]:
+        try:
+            validate_corpus_name(name, field=field_name)
+        except ValueError as error:
+            problems.append(str(error))
+    for field_name, value in [("data.n_samples", data.n_samples), ("data.seqlen", data.seqlen)]:
+        if value < 1:
+            problems.append(f"{field_name}: {value} must be a positive integer")
+    for field_name, value in [
+        ("data.eval_seqlen", data.eval_seqlen),
+        ("data.max_eval_windows", data.max_eval_windows),
+    ]:
+        if value is not None and value < 1:
+            problems.append(f"{field_name}: {value} must be a positive integer or null")
+    return problems
+
+
+def _zeroshot_problems(zeroshot: ZeroShotConfig) -> list[str]:
+    problems = [
+        problem
+        for i, name in enumerate(zeroshot.tasks)
+        if (problem := unknown_task_problem(name, f"eval.zeroshot.tasks[{i}]"))
+    ]
+    duplicates = sorted({name for name in zeroshot.tasks if zeroshot.tasks.count(name) > 1})
+    if duplicates:
+        problems.append(f"eval.zeroshot.tasks: {', '.join(duplicates)} listed more than once")
+    for field_name, value in [
+        ("eval.zeroshot.batch_size", zeroshot.batch_size),
+        ("eval.zeroshot.n_examples", zeroshot.n_examples),
+    ]:
+        if value < 1:
+            problems.append(f"{field_name}: {value} must be a positive integer")
+    if zeroshot.limit is not None and zeroshot.limit < 1:
+        problems.append(f"eval.zeroshot.limit: {zeroshot.limit} must be a positive integer or null")
+    return problems
+
+
+def _export_problems(export: ExportConfig) -> list[str]:
+    if export.dir is None:
+        return []
+    if not export.dir.strip():
+        return ["export.dir: '' is not allowed; allowed: null (<run dir>/quantized) or a path"]
+    if export.format is ExportFormat.none:
+        return [
+            f"export.dir: {export.dir} needs an export format (got export.format=none); "
+            "allowed: export=dequantized or export=packed, or export.dir=null"
+        ]
+    return []
+
+
+def _cbq_component_problems(cfg: Config) -> list[str]:
+    problems = []
+    if cfg.window.size < 1:
+        problems.append(f"window.size: {cfg.window.size} must be a positive integer")
+    if not 0 <= cfg.window.overlap < max(cfg.window.size, 1):
+        problems.append(
+            f"window.overlap: {cfg.window.overlap} is not allowed; "
+            f"allowed: 0..{cfg.window.size - 1} (less than window.size)"
+        )
+    if cfg.rounding.rank < 1:
+        problems.append(f"rounding.rank: {cfg.rounding.rank} must be a positive integer")
+    if not 0 <= cfg.rounding.reg_warmup < 1:
+        problems.append(
+            f"rounding.reg_warmup: {cfg.rounding.reg_warmup} is not allowed; allowed: [0, 1)"
+        )
+    for name in ("lambda1", "lambda2"):
+        if getattr(cfg.cfp, name) < 0:
+            problems.append(f"cfp.{name}: {getattr(cfg.cfp, name)} must be >= 0")
+    if not cfg.cfp.alphas or not all(0 <= a <= 1 for a in cfg.cfp.alphas):
+        problems.append(
+            f"cfp.alphas: {list(cfg.cfp.alphas)} is not allowed; allowed: a non-empty list "
+            "of values in [0, 1]"
+        )
+    if cfg.cfp.weight_scope is WeightScope.group and cfg.cfp.log_space:
+        problems.append(
+            "cfp.log_space: true is not allowed with cfp.weight_scope=group; allowed: false, "
+            "or cfp.weight_scope=tensor"
+        )
+    if cfg.cfp.search_tokens < 1:
+        problems.append(f"cfp.search_tokens: {cfg.cfp.search_tokens} must be >= 1")
+    return problems
+
+
+def _method_problems(cfg: Config) -> list[str]:
+    return method_problems(cfg.method)
