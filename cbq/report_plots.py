@@ -1,4 +1,4 @@
-"""Figures of sweep results: perplexity against the bit setting, and CBQ's loss per window.
+"""Figures of sweep results: perplexity by bit setting, CBQ's loss and its terms per window.
 
 The functions build ``Figure`` objects without pyplot (no global state, nothing shown by
 itself): display one with IPython's ``display(fig)``, save them with :func:`save_figures`,
@@ -188,6 +188,55 @@ def window_loss_figures(records: Sequence[Record]) -> dict[str, Figure]:
     return figures
 
 
+def _windows(record: Record) -> list[dict[str, Any]]:
+    return (record.get("stats") or {}).get("windows") or []
+
+
+def kl_share(terms: dict[str, float]) -> float | None:
+    """The KL term's share of a window's L2 + KL loss (None when it has not both)."""
+    if not {"l2", "kl"} <= set(terms):
+        return None
+    total = terms["l2"] + terms["kl"]
+    return terms["kl"] / total if total > 0 else None
+
+
+def draw_loss_balance(ax: Axes, records: Sequence[Record]) -> None:
+    """KL's share of each window's loss, before training (dashed) and after hardening."""
+    for record, label in zip(records, run_labels(records), strict=True):
+        windows = _windows(record)
+        color = None
+        for when, style in (("hard", "-"), ("init", "--")):
+            shares = [kl_share(w.get(f"loss_terms_{when}", {})) for w in windows]
+            xs = range(len(shares))
+            (line,) = ax.plot(xs, shares, style, marker=".", color=color, label=f"{label}, {when}")
+            color = line.get_color()  # a run's two lines share its colour
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("window index")
+    ax.set_ylabel("KL share of the L2 + KL loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def loss_balance_figures(records: Sequence[Record]) -> dict[str, Figure]:
+    """One figure per model of the CBQ runs whose windows recorded their L2 and KL terms."""
+    runs = [
+        r
+        for r in records
+        if is_cbq(r)
+        and r.get("status") == "finished"
+        and any(kl_share(w.get("loss_terms_hard", {})) is not None for w in _windows(r))
+    ]
+    figures = {}
+    for model in models(runs):
+        mine = [r for r in runs if lookup(r, "model.name") == model]
+        latest = dict(zip(run_labels(mine), mine, strict=True))
+        fig = Figure(figsize=(8, 4.5), layout="constrained")
+        draw_loss_balance(fig.subplots(), list(latest.values()))
+        fig.suptitle(f"{model}: the balance of CBQ's loss terms per window")
+        figures[f"loss_balance_{_slug(model)}"] = fig
+    return figures
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
@@ -206,4 +255,5 @@ def save_figures(figures: dict[str, Figure], out_dir: Path, dpi: int = 120) -> l
 def write_plots(records: Sequence[Record], out_dir: Path) -> list[Path]:
     """Every plot of these runs as PNG files in ``out_dir``."""
     figures = ppl_vs_bits_figures(records) | window_loss_figures(records)
+    figures |= loss_balance_figures(records)
     return save_figures(figures, out_dir)

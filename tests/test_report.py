@@ -26,7 +26,13 @@ from cbq.report import (
     table_csv,
     table_markdown,
 )
-from cbq.report_plots import run_labels, window_loss_figures, write_plots
+from cbq.report_plots import (
+    kl_share,
+    loss_balance_figures,
+    run_labels,
+    window_loss_figures,
+    write_plots,
+)
 from cbq.results import archive, write_json_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -378,6 +384,22 @@ def test_window_loss_lines_by_block_when_schedules_differ_and_labels_what_varies
     assert ax.get_yscale() == "log"
     paths = write_plots(records, tmp_path / "plots")
     assert [p.name for p in paths] == ["window_loss_smol.png"]  # one setting: no ppl plot
+
+
+def test_loss_balance_plots_the_kl_share_of_each_window(tmp_path):
+    sweep = Sweep(tmp_path)
+    terms = [({"l2": 3.0, "kl": 1.0}, {"l2": 1.0, "kl": 1.0}), ({"l2": 1.0, "kl": 0.0}, {})]
+    windows = [
+        {"blocks": [b, b + 2], "final_loss": 1.0, "loss_terms_init": i, "loss_terms_hard": h}
+        for b, (i, h) in enumerate(terms)
+    ]
+    sweep.add(run(stats={"windows": windows}, ppl={"wiki": 1.0}))
+    (fig,) = loss_balance_figures(load_results(tmp_path)).values()
+    (ax,) = fig.axes
+    hard, init = (list(line.get_ydata()) for line in ax.get_lines())
+    assert init == [0.25, 0.0] and hard[0] == 0.5 and hard[1] is None  # no terms: a gap
+    assert ax.get_lines()[0].get_color() == ax.get_lines()[1].get_color()
+    assert kl_share({"l2": 1.0}) is None
 
 
 def write_example_sweeps(root: Path) -> list[Path]:
