@@ -421,6 +421,8 @@ class CBDTrainer:
         params = [p for group in groups for p in group["params"]]
         tracks_best = self.s.knobs.keep_best and all(r.hard for r in roundings)
         best = _BestIterate(params) if tracks_best else None
+        # keep_best also means never ending a window worse than it started (RTN)
+        start_values = [p.detach().clone() for p in params] if self.s.knobs.keep_best else None
         bar = tqdm(
             total=steps,
             desc=f"window {number + 1}/{total} blocks {start}-{end - 1}",
@@ -458,6 +460,10 @@ class CBDTrainer:
             hard, record["best_step"] = self._evaluate(start, end), None
             if best is not None and 0 <= best.step < steps - 1:
                 hard, record["best_step"] = self._keep_best(best, start, end, hard)
+            if start_values is not None and hard.loss > record["loss_init"]:
+                _load_values(params, start_values)
+                hard, record["best_step"] = Score(record["loss_init"], initial_terms), 0
+                record["reverted_to_start"] = True
             record["loss_hard"], record["loss_terms_hard"] = hard.loss, hard.terms
             record |= self._rounding_moved(start, end)
         record["final_loss"] = record["loss_hard"]
@@ -744,10 +750,14 @@ class _BestIterate:
     def snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
 
-    @torch.no_grad()
     def load(self, values: list[torch.Tensor]) -> None:
-        for p, value in zip(self.params, values, strict=True):
-            p.copy_(value)
+        _load_values(self.params, values)
+
+
+@torch.no_grad()
+def _load_values(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
+    for p, value in zip(params, values, strict=True):
+        p.copy_(value)
 
 
 @contextmanager

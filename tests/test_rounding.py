@@ -183,6 +183,19 @@ def test_keep_best_undoes_a_destructive_window(tmp_path):
     assert kept["best_step"] == 0 and kept["loss_hard"] == pytest.approx(kept["loss_init"])
 
 
+def test_a_window_never_ends_worse_than_it_started(tmp_path, monkeypatch):
+    """When the best-iterate choice fails (here: forced to the last step of a destructive
+    run), keep-best still returns the window to its start, RTN, and says so."""
+    wreck = {"optimizer": "signsgd", "lr_rounding": 1.0}
+    monkeypatch.setattr(CBDTrainer, "_best_score", lambda self, distance, initial: -distance)
+    stats = _train(tmp_path, RoundingConfig(kind=RoundingKind.adaround), keep_best=True, **wreck)
+    window = stats["windows"][0]
+    assert window["reverted_to_start"] and window["best_step"] == 0
+    assert window["loss_hard"] == window["loss_init"]
+    assert window["loss_terms_hard"] == window["loss_terms_init"]
+    assert window["rounding_moved"] == 0 and _moved_fraction(stats) == 0
+
+
 @pytest.mark.parametrize("rule", [BestRule.relative, BestRule.batch])
 def test_the_best_rules(tmp_path, monkeypatch, rule):
     """relative: a batch's loss over the same samples' initial loss, and the best step kept
