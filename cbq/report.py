@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cbq.config import CFPConfig, LossConfig, RoundingConfig, WindowConfig
+from cbq.methods import METHODS
 from cbq.results import RESULTS_FILE, written_at
 
 MISSING = "-"
@@ -435,18 +437,38 @@ COMPONENT_LABELS: dict[str, Callable[[Record], str]] = {
 }
 
 
+# Method fields that change how a run goes, not its result.
+RESULT_NEUTRAL_FIELDS = {"name", "resume", "cache", "forward_batch"}
+
+
+def method_changes(record: Record) -> list[str]:
+    """The method's fields that differ from its config defaults: ``act_order=True``."""
+    raw = lookup(record, "method") or {}
+    config_class = getattr(METHODS.get(raw.get("name")), "config_class", None)
+    if config_class is None:  # not one of ours (the auto-round library's records)
+        return []
+    defaults = dataclasses.asdict(config_class())
+    return [
+        f"{key}={value}"
+        for key, value in raw.items()
+        if key in defaults and key not in RESULT_NEUTRAL_FIELDS and _plain(defaults[key]) != value
+    ]
+
+
 def variant_label(record: Record) -> str:
-    """The method, and for CBQ the components that differ from the paper's defaults:
-    ``cbq``, ``cbq (cfp: weight_act (migrate))``, and ``[eval bf16]`` after a run scored
-    under bf16 autocast. The ``--rows variant`` key."""
+    """The method with its fields that differ from their defaults, and for CBQ the
+    components that differ from the paper's: ``gptq (act_order=True)``, ``cbq (cfp:
+    weight_act (migrate))``; ``[eval bf16]`` after a run scored under bf16 autocast. The
+    ``--rows variant`` key."""
     name = str(method_name(record))
+    changed = method_changes(record)
     if is_cbq(record):
         changed = [
             f"{part}: {COMPONENT_LABELS[part](record)}"
             for part in COMPONENTS
             if component(record, part) != default_component(part)
-        ]
-        name = f"{name} ({'; '.join(changed)})" if changed else name
+        ] + changed
+    name = f"{name} ({'; '.join(changed)})" if changed else name
     return f"{name} [eval bf16]" if lookup(record, "eval.dtype") == "bfloat16" else name
 
 

@@ -570,23 +570,33 @@ def test_method_rows_in_method_order_and_best_value_in_bold(tmp_path, capsys):
     assert "| cbq | - | **28.70** | - |" in capsys.readouterr().out.splitlines()
 
 
+def at_method_defaults(record: dict) -> dict:
+    record["config"]["method"] = {"name": record["config"]["method"]["name"]}
+    return record
+
+
 def test_variant_rows_name_cbq_components_that_differ_from_the_paper(tmp_path, capsys):
     sweep = Sweep(tmp_path)
-    sweep.add(run("cbq", "w4a4", ppl={"wiki-sample": 680.0}))
-    migrated = run("cbq", "w4a4", ppl={"wiki-sample": 84.9})
+    sweep.add(at_method_defaults(run("cbq", "w4a4", ppl={"wiki-sample": 680.0})))
+    migrated = at_method_defaults(run("cbq", "w4a4", ppl={"wiki-sample": 84.9}))
     migrated["config"]["cfp"]["act_rule"] = "migrate"
     sweep.add(migrated)
-    sweep.add(run("cbq", "w4a4", window=(1, 0), loss=("l2", False), ppl={"wiki-sample": 700.0}))
-    relative = run("cbq", "w4a4", ppl={"wiki-sample": 650.0})
+    window_k1 = run("cbq", "w4a4", window=(1, 0), loss=("l2", False), ppl={"wiki-sample": 700.0})
+    sweep.add(at_method_defaults(window_k1))
+    relative = at_method_defaults(run("cbq", "w4a4", ppl={"wiki-sample": 650.0}))
     relative["config"]["loss"]["l2_relative"] = True
     sweep.add(relative)
-    sweep.add(run("osplus", "w4a4", cfp="none", ppl={"wiki-sample": 169.4}))
-    bf16_scored = run("osplus", "w4a4", cfp="none", ppl={"wiki-sample": 170.1})
+    sweep.add(at_method_defaults(run("osplus", "w4a4", cfp="none", ppl={"wiki-sample": 169.4})))
+    bf16_scored = at_method_defaults(run("osplus", "w4a4", cfp="none", ppl={"wiki-sample": 170.1}))
     bf16_scored["config"]["eval"] = {"dtype": "bfloat16"}
     sweep.add(bf16_scored)
+    act_order = at_method_defaults(run("gptq", "w4a4", cfp="none", ppl={"wiki-sample": 900.0}))
+    act_order["config"]["method"] |= {"act_order": True, "resume": False}  # resume: no change
+    sweep.add(act_order)
     header, body = pivot(load_results(tmp_path), ["variant"], "setting", "ppl/wiki-sample")
     assert header == ["variant", "w4a4"]
     assert body == [
+        ["gptq (act_order=True)", "900.00"],
         ["osplus", "169.40"],
         ["osplus [eval bf16]", "170.10"],
         ["cbq", "680.00"],
