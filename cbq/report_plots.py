@@ -8,7 +8,7 @@ which renders with the Agg backend. :func:`write_plots` does both for ``cbq.repo
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,20 +172,29 @@ def draw_window_losses(ax: Axes, records: Sequence[Record]) -> None:
     ax.legend(fontsize="small")
 
 
-def window_loss_figures(records: Sequence[Record]) -> dict[str, Figure]:
-    """One figure per model of the CBQ runs that recorded their windows; of runs with the
-    same label, the latest."""
-    runs = [r for r in records if is_cbq(r) and (r.get("stats") or {}).get("windows")]
-    runs = [r for r in runs if r.get("status") in ("finished", "failed")]
+def per_model_figures(
+    runs: Sequence[Record], draw: Callable[[Axes, list[Record]], None], name: str, title: str
+) -> dict[str, Figure]:
+    """One figure per model, ``draw`` on its runs (of runs with the same label, the latest):
+    ``{name}_{model}`` -> figure titled ``{model}: {title}``."""
     figures = {}
     for model in models(runs):
         mine = [r for r in runs if lookup(r, "model.name") == model]
         latest = dict(zip(run_labels(mine), mine, strict=True))
         fig = Figure(figsize=(8, 4.5), layout="constrained")
-        draw_window_losses(fig.subplots(), list(latest.values()))
-        fig.suptitle(f"{model}: CBQ loss at the end of each window")
-        figures[f"window_loss_{_slug(model)}"] = fig
+        draw(fig.subplots(), list(latest.values()))
+        fig.suptitle(f"{model}: {title}")
+        figures[f"{name}_{_slug(model)}"] = fig
     return figures
+
+
+def window_loss_figures(records: Sequence[Record]) -> dict[str, Figure]:
+    """One figure per model of the CBQ runs that recorded their windows."""
+    runs = [r for r in records if is_cbq(r) and _windows(r)]
+    runs = [r for r in runs if r.get("status") in ("finished", "failed")]
+    return per_model_figures(
+        runs, draw_window_losses, "window_loss", "CBQ loss at the end of each window"
+    )
 
 
 def _windows(record: Record) -> list[dict[str, Any]]:
@@ -226,15 +235,9 @@ def loss_balance_figures(records: Sequence[Record]) -> dict[str, Figure]:
         and r.get("status") == "finished"
         and any(kl_share(w.get("loss_terms_hard", {})) is not None for w in _windows(r))
     ]
-    figures = {}
-    for model in models(runs):
-        mine = [r for r in runs if lookup(r, "model.name") == model]
-        latest = dict(zip(run_labels(mine), mine, strict=True))
-        fig = Figure(figsize=(8, 4.5), layout="constrained")
-        draw_loss_balance(fig.subplots(), list(latest.values()))
-        fig.suptitle(f"{model}: the balance of CBQ's loss terms per window")
-        figures[f"loss_balance_{_slug(model)}"] = fig
-    return figures
+    return per_model_figures(
+        runs, draw_loss_balance, "loss_balance", "the balance of CBQ's loss terms per window"
+    )
 
 
 def _slug(name: str) -> str:
