@@ -1,4 +1,4 @@
-"""Block reconstruction distances: L2, KL over the hidden dimension, and their sum.
+"""Block reconstruction distances: L2, KL over the hidden dimension, and their terms.
 
 ``D(a, b) = w_l2 * mean((a - b)^2) + w_kl * KL(softmax(b) || softmax(a))``, where ``a`` is the
 quantized output, ``b`` the FP target, the softmax runs over the hidden dimension of each
@@ -54,18 +54,6 @@ def reconstruction_terms(
     if kind in (LossKind.kl, LossKind.l2_kl):
         terms["kl"] = kl_weight * kl_distance(output, target)
     return terms
-
-
-def reconstruction_distance(
-    output: torch.Tensor,
-    target: torch.Tensor,
-    kind: LossKind,
-    l2_weight: float = 1.0,
-    kl_weight: float = 1.0,
-    l2_relative: bool = False,
-) -> torch.Tensor:
-    terms = reconstruction_terms(output, target, kind, l2_weight, kl_weight, l2_relative)
-    return sum(terms.values(), output.new_zeros((), dtype=torch.float32))
 
 
 def check_finite(

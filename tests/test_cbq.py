@@ -28,7 +28,7 @@ from cbq.config import (
     WeightScope,
     WindowConfig,
 )
-from cbq.losses import kl_distance, l2_distance, reconstruction_distance
+from cbq.losses import kl_distance, l2_distance, reconstruction_terms
 from cbq.methods import build_method
 from cbq.models import adapter_for, tiny_model
 from cbq.quant import Granularity, QuantSpec, WeightQuantizer, quant_linears
@@ -70,8 +70,9 @@ def test_losses_hand_values():
     q = torch.softmax(a, -1)
     expected_kl = (p * (p / q).log()).sum().item()
     assert kl_distance(a, b).item() == pytest.approx(expected_kl, rel=1e-6)
-    both = reconstruction_distance(a, b, "l2_kl", l2_weight=2.0, kl_weight=3.0)
-    assert both.item() == pytest.approx(2 * 0.5 + 3 * expected_kl, rel=1e-6)
+    both = reconstruction_terms(a, b, "l2_kl", l2_weight=2.0, kl_weight=3.0)
+    assert both["l2"].item() == pytest.approx(2 * 0.5)
+    assert both["kl"].item() == pytest.approx(3 * expected_kl, rel=1e-6)
 
 
 def test_relative_l2_is_mse_over_target_mean_square_and_scale_free():
@@ -79,8 +80,8 @@ def test_relative_l2_is_mse_over_target_mean_square_and_scale_free():
     # mse = (1 + 4) / 2 = 2.5; mean(b^2) = (1 + 9) / 2 = 5
     assert l2_distance(a, b, relative=True).item() == pytest.approx(0.5)
     assert l2_distance(1000 * a, 1000 * b, relative=True).item() == pytest.approx(0.5)
-    only_l2 = reconstruction_distance(a, b, "l2", l2_relative=True)
-    assert only_l2.item() == pytest.approx(0.5)
+    only_l2 = reconstruction_terms(a, b, "l2", l2_relative=True)
+    assert list(only_l2) == ["l2"] and only_l2["l2"].item() == pytest.approx(0.5)
 
 
 def _quantizer(weight: torch.Tensor) -> WeightQuantizer:
