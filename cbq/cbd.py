@@ -534,7 +534,7 @@ class CBDTrainer:
             reconstruction_terms(
                 output,
                 self.store.batch(name, index),
-                loss.kind.value,
+                loss.kind,
                 loss.l2_weight,
                 loss.kl_weight,
                 loss.l2_relative,

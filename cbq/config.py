@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from cbq.losses import LossKind
 from cbq.quant.quantizer import FULL_PRECISION_BITS, Granularity, QuantSpec
 from cbq.quant.rounding import RoundingForm
 
@@ -165,15 +166,9 @@ class WindowConfig:
     overlap: int = 1
 
 
-class LossKindChoice(StrEnum):
-    l2 = "l2"
-    kl = "kl"
-    l2_kl = "l2_kl"
-
-
 @dataclass
 class LossConfig:
-    kind: LossKindChoice = LossKindChoice.l2_kl
+    kind: LossKind = LossKind.l2_kl
     # Also match the FP blocks fed with the quantized stream (homologous reconstruction).
     homologous: bool = True
     l2_weight: float = 1.0

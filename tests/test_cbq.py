@@ -21,14 +21,13 @@ from cbq.config import (
     ClipTo,
     Config,
     LossConfig,
-    LossKindChoice,
     QuantConfig,
     RoundingConfig,
     RoundingKind,
     WeightScope,
     WindowConfig,
 )
-from cbq.losses import kl_distance, l2_distance, reconstruction_terms
+from cbq.losses import LossKind, kl_distance, l2_distance, reconstruction_terms
 from cbq.methods import build_method
 from cbq.models import adapter_for, tiny_model
 from cbq.quant import Granularity, QuantSpec, WeightQuantizer, quant_linears
@@ -195,17 +194,17 @@ def test_every_block_committed_and_materialized(tmp_path):
     [
         {
             "rounding": rounding(RoundingKind.nearest),
-            "loss": LossConfig(kind=LossKindChoice.l2, homologous=False),
+            "loss": LossConfig(kind=LossKind.l2, homologous=False),
             "cfp": CFPConfig(mode=CFPMode.none),
         },
         {
             "rounding": rounding(RoundingKind.adaround),
-            "loss": LossConfig(kind=LossKindChoice.kl),
+            "loss": LossConfig(kind=LossKind.kl),
             "cfp": CFPConfig(
                 mode=CFPMode.weight, weight_scope=WeightScope.group, clip_to=ClipTo.reserved
             ),
         },
-        {"loss": LossConfig(kind=LossKindChoice.l2_kl), "window": WindowConfig(size=1, overlap=0)},
+        {"loss": LossConfig(kind=LossKind.l2_kl), "window": WindowConfig(size=1, overlap=0)},
         {"knobs": knobs(cache="disk", epochs=4), "window": WindowConfig(size=3, overlap=1)},
     ],
 )
@@ -341,7 +340,7 @@ def test_settings_come_from_the_run_config():
     "changed",
     [
         TrainerSettings(window=WindowConfig(overlap=0)),
-        TrainerSettings(loss=LossConfig(kind=LossKindChoice.kl)),
+        TrainerSettings(loss=LossConfig(kind=LossKind.kl)),
         TrainerSettings(cfp=CFPConfig(mode=CFPMode.weight)),
         TrainerSettings(rounding=RoundingConfig(beta_end=3.0)),
         TrainerSettings(knobs=TrainerKnobs(lr_rounding=2e-3)),
@@ -355,9 +354,9 @@ def test_fingerprint_changes_with_every_part(changed):
     assert changed.fingerprint(W4A8, calib) != default
 
 
-def _assert_terms_add_up(window: dict, kind: LossKindChoice) -> None:
+def _assert_terms_add_up(window: dict, kind: LossKind) -> None:
     """The recorded loss terms are the ones ``kind`` uses, and add up to the recorded losses."""
-    used = {LossKindChoice.l2: {"l2"}, LossKindChoice.kl: {"kl"}}.get(kind, {"l2", "kl"})
+    used = {LossKind.l2: {"l2"}, LossKind.kl: {"kl"}}.get(kind, {"l2", "kl"})
     for when in ("init", "hard"):
         terms = window[f"loss_terms_{when}"]
         assert set(terms) == used, window

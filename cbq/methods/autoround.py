@@ -35,11 +35,11 @@ from cbq.config import (
     CFPConfig,
     CFPMode,
     LossConfig,
-    LossKindChoice,
     RoundingConfig,
     RoundingKind,
     WindowConfig,
 )
+from cbq.losses import LossKind
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import ModelAdapter
 from cbq.optim import LRSchedule, OptimizerKind
@@ -106,7 +106,7 @@ class AutoRound(QuantMethod):
         )
         return TrainerSettings(
             window=WindowConfig(size=1, overlap=0),
-            loss=LossConfig(kind=LossKindChoice.l2, homologous=False),
+            loss=LossConfig(kind=LossKind.l2, homologous=False),
             cfp=CFPConfig(mode=CFPMode.none),
             rounding=RoundingConfig(kind=RoundingKind.adaround, form=RoundingForm.offset),
             knobs=knobs,
