@@ -67,28 +67,31 @@ class UnsupportedSetting(ValueError):
 def setting_problems(weight: QuantSpec, act: QuantSpec) -> list[str]:
     """Why compressed-tensors cannot express this setting (empty when it can), one line per
     field; the group size's fit to the model's linears is :func:`shape_problems`'s."""
-    if not act.enabled or not act.dynamic:
-        problems = []
-    elif act.granularity is Granularity.per_token:
-        problems = [
-            "quant.a_granularity=per_token (dynamic): compressed-tensors' token strategy takes "
-            "the range over every dimension after the first two, so a linear fed (tokens, "
-            "hidden) inputs (OPT's fc1/fc2) would get one step size per element, not per token"
-        ]
-    elif act.symmetric:
-        problems = [
-            "quant.a_symmetric=true with quant.a_dynamic=true: compressed-tensors' dynamic step "
-            "is max|x| / ((2^b - 1) / 2), cbq's max|x| / (2^(b-1) - 1): the loaded model would "
-            "quantize activations on another grid"
-        ]
-    else:
-        problems = []
+    problems = [] if (problem := _dynamic_problem(act)) is None else [problem]
     if act.enabled and not weight.enabled:
         problems.append(
             f"quant.w_bits={weight.bits} with quantized activations: compressed-tensors' "
             "int-quantized format stores integer weights"
         )
     return problems
+
+
+def _dynamic_problem(act: QuantSpec) -> str | None:
+    if not act.enabled or not act.dynamic:
+        return None
+    if act.granularity is Granularity.per_token:
+        return (
+            "quant.a_granularity=per_token (dynamic): compressed-tensors' token strategy takes "
+            "the range over every dimension after the first two, so a linear fed (tokens, "
+            "hidden) inputs (OPT's fc1/fc2) would get one step size per element, not per token"
+        )
+    if act.symmetric:
+        return (
+            "quant.a_symmetric=true with quant.a_dynamic=true: compressed-tensors' dynamic step "
+            "is max|x| / ((2^b - 1) / 2), cbq's max|x| / (2^(b-1) - 1): the loaded model would "
+            "quantize activations on another grid"
+        )
+    return None
 
 
 def shape_problems(in_features: Mapping[str, int], weight: QuantSpec) -> list[str]:
