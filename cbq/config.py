@@ -258,6 +258,7 @@ class ExportFormat(StrEnum):
     none = "none"
     dequantized = "dequantized"
     packed = "packed"
+    compressed_tensors = "compressed_tensors"
 
 
 @dataclass
@@ -265,7 +266,9 @@ class ExportConfig:
     """Save the quantized model after the quantize phase (cbq.export)."""
 
     # dequantized: a plain HF checkpoint holding the quantized weights as floats;
-    # packed: bit-packed integer codes + scales, reloaded by cbq.export.load_packed.
+    # packed: bit-packed integer codes + scales, reloaded by cbq.export.load_packed;
+    # compressed_tensors: the compressed-tensors checkpoint (vLLM, transformers), for the
+    # settings it can express (cbq.export_compressed).
     format: ExportFormat = ExportFormat.none
     # Target directory; null means <run dir>/quantized.
     dir: str | None = None

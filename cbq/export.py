@@ -1,6 +1,6 @@
 """Export a quantized model for deployment, and load a packed export back.
 
-Two formats, each a directory with the HF config, the tokenizer and ``cbq_quantization.json``
+Three formats, each a directory with the HF config, the tokenizer and ``cbq_quantization.json``
 (the setting: bits, granularity, group size, symmetry, activation quantization with its
 static scales, method, cbq version):
 
@@ -15,6 +15,15 @@ static scales, method, cbq version):
   static activation quantizers; every other tensor (embeddings, norms, lm_head) as it is,
   tied copies stored once. :func:`load_packed` rebuilds the model with ``QuantLinear``
   modules whose weights are bit-identical to the exported ones.
+- ``compressed_tensors``: the compressed-tensors checkpoint (``model.safetensors`` with
+  ``weight_packed`` / ``weight_scale`` / ``weight_zero_point`` per linear, or int8 weights and
+  ``input_scale`` with static activations; ``quantization_config`` in ``config.json``),
+  written by the compressed-tensors library (:mod:`cbq.export_compressed`).
+  ``AutoModelForCausalLM.from_pretrained(dir)`` loads it with weights equal to ours and the
+  activations quantized with our static scales; it is the format vLLM serves (whose kernels
+  cover some of the settings: docs/export.md). Settings the format cannot express (dynamic
+  per-token or symmetric dynamic activations, a partial last group) are refused before
+  anything is written (:func:`check_exportable` checks a model before it is quantized).
 
 Every exported quantized weight is checked to lie exactly on its quantizer's grid.
 Exporting leaves the in-memory model's modules and weights as they are.
@@ -22,12 +31,13 @@ Exporting leaves the in-memory model's modules and weights as they are.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import os
 import shutil
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +56,14 @@ from transformers import (
 
 import cbq
 from cbq.config import ExportFormat
+from cbq.export_compressed import (
+    ALLOWED,
+    UnsupportedSetting,
+    setting_problems,
+    shape_problems,
+    write_compressed,
+)
+from cbq.models import ModelAdapter
 from cbq.models.registry import attn_implementation_for
 from cbq.quant import ActQuantizer, Granularity, QuantLinear, QuantSpec, quant_linears, wrap_block
 from cbq.quant.packing import OffGridError, dequantize, pack_bits, unpack_bits, weight_codes
@@ -59,6 +77,9 @@ LOADING = {
     "weights as floats; activations are NOT quantized by plain Hugging Face loading",
     ExportFormat.packed: "cbq.export.load_packed(dir): QuantLinear modules with the quantized "
     "weights and the activation quantizers of the run (not loadable by plain Hugging Face)",
+    ExportFormat.compressed_tensors: "AutoModelForCausalLM.from_pretrained(dir) with "
+    "compressed-tensors installed: the quantized weights, and static activation scales applied "
+    "by compressed-tensors' fake quantization; the format vLLM serves (docs/export.md)",
 }
 
 
@@ -88,9 +109,16 @@ def export_model(
     target = Path(directory)
     meta = describe(model, fmt, method, setting)
     _warn_about(meta, fmt)
+    qlinears = dict(quant_linears(model))
+    if fmt is ExportFormat.compressed_tensors:
+        _refuse_unsupported(qlinears)
     with _staging(target) as staging:
-        if fmt is ExportFormat.dequantized:
+        if fmt is ExportFormat.dequantized or (
+            fmt is ExportFormat.compressed_tensors and not _quantizes_weights(qlinears)
+        ):
             model.save_pretrained(staging, state_dict=plain_state(model))
+        elif fmt is ExportFormat.compressed_tensors:
+            meta["compression_format"] = write_compressed(plain_model(model), qlinears, staging)
         else:
             meta["tied"] = _write_packed(model, staging / PACKED_FILE)
             model.config.save_pretrained(staging)
@@ -157,6 +185,50 @@ def _spec_from(values: dict[str, Any] | None) -> QuantSpec:
     return QuantSpec(**{**values, "granularity": Granularity(values["granularity"])})
 
 
+def _quantizes_weights(qlinears: dict[str, QuantLinear]) -> bool:
+    return any(q.weight_quantizer.spec.enabled for q in qlinears.values())
+
+
+def compressed_tensors_problems(
+    weight: QuantSpec, act: QuantSpec, in_features: Mapping[str, int]
+) -> list[str]:
+    """What ``export=compressed_tensors`` cannot express of this setting on linears of these
+    input widths (nothing to express when neither weights nor activations are quantized)."""
+    if not weight.enabled and not act.enabled:
+        return []
+    return setting_problems(weight, act) + shape_problems(in_features, weight)
+
+
+def _refusal(problems: list[str]) -> UnsupportedSetting:
+    return UnsupportedSetting(
+        "export.format=compressed_tensors cannot express this setting: "
+        + "; ".join(problems)
+        + f". Allowed: {ALLOWED}. export=packed (cbq.export.load_packed) keeps it"
+    )
+
+
+def _refuse_unsupported(qlinears: dict[str, QuantLinear]) -> None:
+    if not qlinears:
+        return
+    weight, act = _shared_specs(qlinears)
+    assert weight is not None and act is not None
+    widths = {name: q.in_features for name, q in qlinears.items()}
+    if problems := compressed_tensors_problems(weight, act, widths):
+        raise _refusal(problems)
+
+
+def check_exportable(adapter: ModelAdapter, weight: QuantSpec, act: QuantSpec) -> None:
+    """Refuse, before quantizing, a setting that ``export=compressed_tensors`` could not write
+    for this model (its settings alone are checked by config validation)."""
+    widths = {
+        f"blocks[{index}].{name}": linear.in_features
+        for index, block in enumerate(adapter.blocks())
+        for name, linear in adapter.linears(block).items()
+    }
+    if problems := compressed_tensors_problems(weight, act, widths):
+        raise _refusal(problems)
+
+
 def _warn_about(meta: dict[str, Any], fmt: ExportFormat) -> None:
     if not meta["quantized_linears"]:
         log.warning("export: the model has no quantized linears (method=fp?); exporting it as is")
@@ -199,6 +271,29 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, qlinear in qlinears.items():
         state[f"{name}.weight"] = _checked_weight(name, qlinear)
     return state
+
+
+def plain_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of ``model`` with plain linears holding the quantized weights; it shares the
+    model's other tensors (do not modify them)."""
+    config = copy.deepcopy(model.config)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(
+            config,
+            dtype=model.dtype,
+            attn_implementation=attn_implementation_for(config.model_type),
+        )
+    plain.load_state_dict(plain_state(model), strict=True, assign=True)
+    # Non-persistent buffers (rotary tables) are not in the state dict.
+    for name, buffer in list(plain.named_buffers()):
+        if buffer.is_meta:
+            owner, _, attribute = name.rpartition(".")
+            plain.get_submodule(owner).register_buffer(
+                attribute, model.get_buffer(name), persistent=False
+            )
+    plain.tie_weights()
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.eval()
 
 
 def _owner(key: str, qlinears: Container[str]) -> tuple[str | None, str]:

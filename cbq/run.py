@@ -29,7 +29,7 @@ from cbq.config import (
 )
 from cbq.data import calibration_batch, evaluation_windows, metric_name
 from cbq.eval import evaluate_zeroshot, perplexity, prepare_zeroshot
-from cbq.export import export_model
+from cbq.export import check_exportable, export_model
 from cbq.methods import METHODS, RunContext, build_method
 from cbq.models import adapter_for, load_model
 from cbq.results import RunRecord, write_skipped
@@ -132,6 +132,8 @@ def _execute(
             device=str(device),
         )
         adapter = adapter_for(model)
+    if cfg.export.format is ExportFormat.compressed_tensors and cfg.method["name"] != "fp":
+        check_exportable(adapter, cfg.quant.weight_spec(), cfg.quant.act_spec())
     calib = None
     if method.needs_calibration:
         with record.phase("calibration_data"):

@@ -24,6 +24,7 @@ from cbq.config import (
 )
 from cbq.data import validate_corpus_name
 from cbq.eval.zeroshot import unknown_task_problem
+from cbq.export_compressed import ALLOWED, setting_problems
 from cbq.methods import method_problems
 from cbq.quant.quantizer import FULL_PRECISION_BITS, Granularity
 
@@ -41,7 +42,7 @@ def validate(cfg: DictConfig | Config) -> Config:
     if typed.eval.batch_size < 1:
         problems.append(f"eval.batch_size: {typed.eval.batch_size} must be >= 1")
     problems += _zeroshot_problems(typed.eval.zeroshot)
-    problems += _export_problems(typed.export)
+    problems += _export_problems(typed)
     if problems:
         raise ConfigError(problems)
     return typed
@@ -136,7 +137,14 @@ def _zeroshot_problems(zeroshot: ZeroShotConfig) -> list[str]:
     return problems
 
 
-def _export_problems(export: ExportConfig) -> list[str]:
+def _export_problems(cfg: Config) -> list[str]:
+    problems = _export_dir_problems(cfg.export)
+    if cfg.export.format is ExportFormat.compressed_tensors and cfg.method["name"] != "fp":
+        problems += _compressed_tensors_problems(cfg.quant)
+    return problems
+
+
+def _export_dir_problems(export: ExportConfig) -> list[str]:
     if export.dir is None:
         return []
     if not export.dir.strip():
@@ -144,9 +152,24 @@ def _export_problems(export: ExportConfig) -> list[str]:
     if export.format is ExportFormat.none:
         return [
             f"export.dir: {export.dir} needs an export format (got export.format=none); "
-            "allowed: export=dequantized or export=packed, or export.dir=null"
+            "allowed: export=dequantized, export=packed or export=compressed_tensors, "
+            "or export.dir=null"
         ]
     return []
+
+
+def _compressed_tensors_problems(quant: QuantConfig) -> list[str]:
+    """The settings compressed-tensors cannot express (the group size against the model's
+    widths is checked once the model is loaded: cbq.export.check_exportable)."""
+    try:
+        weight, act = quant.weight_spec(), quant.act_spec()
+    except ValueError:  # an invalid granularity, reported by _quant_problems
+        return []
+    return [
+        f"export.format: compressed_tensors cannot express {problem}; allowed: {ALLOWED}; "
+        "export=packed keeps this setting"
+        for problem in setting_problems(weight, act)
+    ]
 
 
 def _cbq_component_problems(cfg: Config) -> list[str]:

@@ -32,7 +32,17 @@ def adapter_class(model_type: str) -> type[ModelAdapter]:
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter for a Hugging Face causal LM, chosen by ``model.config.model_type``."""
+    _decompress(model)
     return adapter_class(model.config.model_type)(model)
+
+
+def _decompress(model: nn.Module) -> None:
+    """Decompress a compressed-tensors checkpoint loaded by ``from_pretrained``: its linears
+    hold the packed (or int8) weights until a hook on the model's own forward decompresses
+    them, and an adapter runs the blocks without that forward."""
+    compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+    if compressor is not None and hasattr(model, "ct_decompress_hook"):
+        compressor.decompress_model(model)
 
 
 def attn_implementation_for(model_type: str) -> str:
