@@ -56,13 +56,7 @@ from transformers import (
 
 import cbq
 from cbq.config import ExportFormat
-from cbq.export_compressed import (
-    ALLOWED,
-    UnsupportedSetting,
-    setting_problems,
-    shape_problems,
-    write_compressed,
-)
+from cbq.export_compressed import ALLOWED, UnsupportedSetting, setting_problems, shape_problems
 from cbq.models import ModelAdapter
 from cbq.models.registry import attn_implementation_for
 from cbq.quant import ActQuantizer, Granularity, QuantLinear, QuantSpec, quant_linears, wrap_block
@@ -118,6 +112,9 @@ def export_model(
         ):
             model.save_pretrained(staging, state_dict=plain_state(model))
         elif fmt is ExportFormat.compressed_tensors:
+            # compressed-tensors (and pydantic) load only for this format
+            from cbq.compressed_writer import write_compressed
+
             meta["compression_format"] = write_compressed(plain_model(model), qlinears, staging)
         else:
             meta["tied"] = _write_packed(model, staging / PACKED_FILE)
