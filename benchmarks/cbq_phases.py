@@ -3,10 +3,15 @@
 The packaged model is cut to its first ``--blocks`` blocks and CBQ runs with its defaults
 (K=2, overlap 1, CFP weight_act, full-rank offset rounding, homologous L2+KL) on the
 preset=cpu calibration (16 x 256 tokens of wiki-sample, seed 0) at W3 g128. The trainer's
-phases are timed by wrapping its methods; each ``--forward-batch`` value (sequences per
-no-grad pass) is one run, side by side in one process.
+phases are timed by wrapping its methods; each variant is one run, side by side in one
+process:
 
-    python -m benchmarks.cbq_phases [--blocks 3] [--forward-batch 1 8]
+- ``cbq``: the defaults (48 steps of one sequence a window);
+- ``cbq-fb1``: the same with one sequence per no-grad pass (``method.forward_batch=1``);
+- ``cbq-25x8`` / ``autoround-25x8``: CBQ and AutoRound (``method=autoround``: windows of one
+  block, L2 only, no CFP, clipping factors) at the same 25 steps of batches of 8 a window.
+
+    python -m benchmarks.cbq_phases [--blocks 3] [--variants cbq cbq-fb1 cbq-25x8 autoround-25x8]
 
 Phases (seconds over the whole run, inclusive of what they call):
 - prepare: CFP (activation scaling, weight truncation), FP copies, wrapping, ranges;
@@ -32,12 +37,19 @@ from typing import Any
 import torch
 
 from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
-from cbq.config import QuantConfig
+from cbq.config import Config, QuantConfig
 from cbq.data import calibration_batch
+from cbq.methods.autoround import AutoRound, AutoRoundConfig
 from cbq.models import adapter_for
 from cbq.models.loader import load_model
 
 W3G128 = QuantConfig(name="w3a16g128", w_bits=3, w_granularity="per_group", w_group_size=128)
+VARIANTS: dict[str, Callable[[], TrainerSettings]] = {
+    "cbq": TrainerSettings,
+    "cbq-fb1": lambda: TrainerSettings(knobs=TrainerKnobs(forward_batch=1)),
+    "cbq-25x8": lambda: TrainerSettings(knobs=TrainerKnobs(iters=25, batch_size=8)),
+    "autoround-25x8": lambda: AutoRound(AutoRoundConfig(iters=25), Config(quant=W3G128)).settings(),
+}
 
 
 def timed(trainer: CBDTrainer, totals: dict[str, float]) -> None:
@@ -68,16 +80,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", type=int, default=3)
-    parser.add_argument("--forward-batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     base, tokenizer = load_model(args.model, None, cache_dir=Path("~/.cache/cbq").expanduser())
     base.model.layers = base.model.layers[: args.blocks]
     base.config.num_hidden_layers = args.blocks
     calib = calibration_batch("wiki-sample", tokenizer, n_samples=16, seqlen=256, seed=0)
-    runs: dict[int, dict[str, float]] = {}
-    for batch in args.forward_batch:
+    runs: dict[str, dict[str, float]] = {}
+    for variant in args.variants:
         totals: dict[str, float] = defaultdict(float)
-        settings = TrainerSettings(knobs=TrainerKnobs(forward_batch=batch))
+        settings = VARIANTS[variant]()
         with tempfile.TemporaryDirectory() as run_dir:
             trainer = CBDTrainer(
                 adapter_for(copy.deepcopy(base)),
@@ -92,18 +104,17 @@ def main() -> None:
             totals["whole run"] = time.perf_counter() - started
         totals["training"] = totals.pop("train") - totals["scoring"]
         totals["commit"] -= totals["q stream"]  # the q stream is listed on its own
-        runs[batch] = totals
+        runs[variant] = totals
 
     print(
         f"{args.model}, first {args.blocks} blocks, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, 16 x 256 calibration tokens, W3 g128\n"
     )
-    batches = list(runs)
-    print("| phase | " + " | ".join(f"forward_batch={b} (s)" for b in batches) + " |")
-    print("|---|" + "---|" * len(batches))
+    print("| phase | " + " | ".join(f"{v} (s)" for v in runs) + " |")
+    print("|---|" + "---|" * len(runs))
     order = ["prepare", "FP stream", "homologous targets", "training", "scoring", "commit"]
     for phase in [*order, "q stream", "checkpoint", "whole run"]:
-        cells = " | ".join(f"{runs[b].get(phase, 0.0):.2f}" for b in batches)
+        cells = " | ".join(f"{runs[v].get(phase, 0.0):.2f}" for v in runs)
         print(f"| {phase} | {cells} |")
 
 
