@@ -123,7 +123,8 @@ class BlockPipeline:
             streams = Streams(hidden, hidden if self.fp_stream else None)
         ctx = context_for(self.adapter, streams.quantized, self.batch_size)
         n_blocks = len(self.adapter.blocks())
-        progress = tqdm(range(first, n_blocks), desc=self.desc, unit="block", initial=first)
+        blocks = range(first, n_blocks)
+        progress = tqdm(blocks, desc=self.desc, unit="block", initial=first, total=n_blocks)
         for index in progress:
             stats.append(work(index, streams, ctx))
             streams = self._advance(index, streams, ctx)
