@@ -2,7 +2,8 @@
 transformers loads (``AutoModelForCausalLM.from_pretrained(dir)`` with compressed-tensors
 installed), written by the compressed-tensors library as llm-compressor writes it.
 
-Each quantized linear of a plain copy of the model (:func:`cbq.export.plain_model`) gets a
+:mod:`cbq.compressed_writer` writes it; here is what the format can express. There, each
+quantized linear of a plain copy of the model (:func:`cbq.export.plain_model`) gets a
 ``QuantizationScheme`` and our step sizes and zero points as ``weight_scale`` /
 ``weight_zero_point`` (``input_scale`` / ``input_zero_point`` for static activations);
 ``ModelCompressor`` compresses the weights (the format the library infers: ``pack-quantized``
