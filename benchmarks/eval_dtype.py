@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cbq.config import QuantConfig
+from cbq.config import Config, QuantConfig
 from cbq.data import evaluation_windows
 from cbq.eval import perplexity
+from cbq.methods import RunContext, build_method
 from cbq.models import adapter_for
 from cbq.models.loader import load_model
-from cbq.quant import wrap_block
 
 SETTINGS = {
     "w4a16": QuantConfig(name="w4a16"),
@@ -36,13 +36,10 @@ SETTINGS = {
 
 
 def rtn_copy(model: nn.Module, quant: QuantConfig) -> nn.Module:
-    """A copy with min-max RTN weights materialized (weight-only: no calibration needed)."""
+    """A copy quantized by ``method=rtn`` (weight-only: no calibration needed)."""
     rtn = copy.deepcopy(model)
-    adapter = adapter_for(rtn)
-    for block in adapter.blocks():
-        wrapped = wrap_block(block, adapter.linear_names(), quant.weight_spec(), quant.act_spec())
-        for qlinear in wrapped.values():
-            qlinear.materialize()
+    method = build_method(Config(method={"name": "rtn"}, quant=quant))
+    method.quantize(adapter_for(rtn), None, RunContext(torch.device("cpu"), Path()))
     return rtn
 
 

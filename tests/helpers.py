@@ -116,3 +116,14 @@ def planted(family: str) -> tuple[nn.Module, ModelAdapter]:
 
 def attn_in(adapter: ModelAdapter) -> ScaleGroup:
     return next(g for g in adapter.scale_groups(adapter.blocks()[0]) if g.name == "attn_in")
+
+
+def assert_export_recorded(record: dict, run_dir: Path, fmt: str) -> Path:
+    """The run's record names the export's format, path and size; returns the export dir."""
+    from cbq.export import directory_size
+
+    stats, exported = record["stats"], run_dir / "quantized"
+    assert stats["export/format"] == fmt
+    assert stats["export/path"] == str(exported)
+    assert stats["export/size_bytes"] == directory_size(exported) > 0
+    return exported

@@ -26,7 +26,7 @@ from cbq.quant.packing import (
 )
 from cbq.validation import validate
 
-from helpers import CPU, logits, rtn_method_model, rtn_model, tokens
+from helpers import CPU, assert_export_recorded, logits, rtn_method_model, rtn_model, tokens
 
 W4A16 = QuantConfig(name="w4a16")
 W4A8 = QuantConfig(name="w4a8", a_bits=8)
@@ -222,10 +222,7 @@ def test_export_config_is_validated(compose_cfg):
 
 def test_run_exports_packed_and_records_it(tiny_run, tiny_corpus, tmp_path):
     metrics, record = tiny_run("llama", "method=rtn", "quant=w4a8", "export=packed")
-    stats = record["stats"]
-    assert stats["export/format"] == "packed"
-    assert stats["export/path"] == str(tmp_path / "quantized")
-    assert stats["export/size_bytes"] == directory_size(tmp_path / "quantized") > 0
+    assert_export_recorded(record, tmp_path, "packed")
     assert "export" in record["timing_s"]
     model, tokenizer = load_packed(tmp_path / "quantized")
     windows = evaluation_windows(

@@ -14,14 +14,14 @@ from transformers import AutoModelForCausalLM
 from cbq.config import ConfigError, ExportFormat, Granularity, QuantConfig
 from cbq.data import evaluation_windows
 from cbq.eval import perplexity
-from cbq.export import META_FILE, check_exportable, directory_size, export_model
+from cbq.export import META_FILE, check_exportable, export_model
 from cbq.export_compressed import UnsupportedSetting
 from cbq.models import adapter_for, attn_implementation_for, tiny_model, tiny_tokenizer
 from cbq.quant import quant_linears
 from cbq.quant.packing import unpack_bits, weight_codes
 from cbq.validation import validate
 
-from helpers import CPU, W4A4, logits, rtn_method_model, tokens
+from helpers import CPU, W4A4, assert_export_recorded, logits, rtn_method_model, tokens
 
 G32 = {"w_granularity": Granularity.per_group, "w_group_size": 32}  # tiny widths: 64 and 128
 SETTINGS = [
@@ -227,10 +227,7 @@ def test_fp_model_exports_as_it_is(tmp_path):
 
 def test_run_exports_compressed_tensors_and_records_it(tiny_run, tiny_corpus, tmp_path):
     metrics, record = tiny_run("llama", "method=rtn", "quant=w4a16", "export=compressed_tensors")
-    stats = record["stats"]
-    assert stats["export/format"] == "compressed_tensors"
-    assert stats["export/path"] == str(tmp_path / "quantized")
-    assert stats["export/size_bytes"] == directory_size(tmp_path / "quantized") > 0
+    assert_export_recorded(record, tmp_path, "compressed_tensors")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "quantized")
     windows = evaluation_windows(
         str(tiny_corpus), tiny_tokenizer(), seqlen=32, calibrating_on_same=True, max_windows=8
