@@ -35,11 +35,12 @@ SETTINGS = {
 }
 
 
-def rtn_copy(model: nn.Module, quant: QuantConfig) -> nn.Module:
-    """A copy quantized by ``method=rtn`` (weight-only: no calibration needed)."""
+def rtn_copy(model: nn.Module, quant: QuantConfig, calib: torch.Tensor | None = None) -> nn.Module:
+    """A copy quantized by ``method=rtn`` (``calib``: for static activation ranges; weight-only
+    settings need none)."""
     rtn = copy.deepcopy(model)
     method = build_method(Config(method={"name": "rtn"}, quant=quant))
-    method.quantize(adapter_for(rtn), None, RunContext(torch.device("cpu"), Path()))
+    method.quantize(adapter_for(rtn), calib, RunContext(torch.device("cpu"), Path()))
     return rtn
 
 

@@ -121,6 +121,7 @@ def export_model(
             model.config.save_pretrained(staging)
             if model.can_generate():
                 model.generation_config.save_pretrained(staging)
+        _enable_kv_cache(staging)
         tokenizer.save_pretrained(staging)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
     size = directory_size(target)
@@ -133,6 +134,16 @@ def export_model(
         unquantized_size(model) / 2**20,
     )
     return ExportResult(target, fmt, size)
+
+
+def _enable_kv_cache(directory: Path) -> None:
+    """Runs load models with ``use_cache=False`` (calibration never decodes); an exported model
+    is for generation, where the KV cache is what keeps decoding linear in length."""
+    for name in ("config.json", "generation_config.json"):
+        if (directory / name).exists():
+            config = json.loads((directory / name).read_text())
+            config["use_cache"] = True
+            (directory / name).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def describe(

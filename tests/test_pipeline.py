@@ -57,3 +57,20 @@ def test_a_method_called_on_its_own_writes_no_checkpoint(tmp_path, monkeypatch):
     method = build_method(Config(method={"name": "gptq"}, quant=W4A8))
     method.quantize(adapter_for(model), tokens(4, seed=0, seqlen=24), RunContext(CPU, Path()))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn", "awq", "smoothquant", "osplus", "omniquant"])
+def test_streams_hold_no_autograd_graph(tmp_path, monkeypatch, method):
+    """The model's parameters require grad; a stream that kept each block's graph would hold
+    every activation of every block it went through."""
+    advance, streams = BlockPipeline._advance, []
+
+    def recording(self, index, current, ctx):
+        streams.append(advance(self, index, current, ctx))
+        return streams[-1]
+
+    monkeypatch.setattr(BlockPipeline, "_advance", recording)
+    model, _ = quantize(method, tmp_path)
+    assert any(p.requires_grad for p in model.parameters())
+    assert len(streams) == 4
+    assert not any(s.quantized.requires_grad for s in streams)
