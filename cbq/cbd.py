@@ -249,7 +249,21 @@ class CBDTrainer:
             self._save_checkpoint(number + 1, fingerprint)
             if self.stop_after_window == number:
                 raise KeyboardInterrupt(f"stopped after window {number} (test hook)")
+        self._remove_checkpoint()
         return self.stats
+
+    def _remove_checkpoint(self) -> None:
+        """A finished run needs no checkpoint (0.4-0.5 GB for the packaged models), as the
+        block pipeline's runs do not; the run's model is in memory, its record written next."""
+        for name in ("x_q", "x_fp"):
+            if self.store.has(name):
+                self.store.drop(name)
+        folder = self.checkpoint_path.parent
+        self.checkpoint_path.unlink(missing_ok=True)
+        for sub in (self._committed_path(0).parent, folder / "streams"):
+            shutil.rmtree(sub, ignore_errors=True)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
     # --- one window ----------------------------------------------------------------------
     def _window(self, number: int, total: int, start: int, end: int) -> None:

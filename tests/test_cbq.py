@@ -13,7 +13,7 @@ from torch import nn
 
 import cbq.cbd
 from cbq.blockwise import embed_batches
-from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings, window_schedule
+from cbq.cbd import CacheKind, CBDTrainer, TrainerKnobs, TrainerSettings, window_schedule
 from cbq.config import (
     ActRule,
     CFPConfig,
@@ -308,6 +308,19 @@ def test_forward_batch_changes_speed_not_results(tmp_path):
     for one, four in zip(stats[1]["windows"], stats[4]["windows"], strict=True):
         assert four["loss_hard"] == pytest.approx(one["loss_hard"], rel=1e-4)
     assert logits_error(models[4], models[1], tokens(2, seed=9)) < 1e-8
+
+
+@pytest.mark.parametrize("cache", [CacheKind.cpu, CacheKind.disk])
+def test_a_finished_run_removes_its_checkpoint(tmp_path, cache):
+    trainer = make_trainer(tmp_path, deep_llama(), knobs=knobs(epochs=1, cache=cache))
+    trainer.stop_after_window = 0
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(tokens(4, seed=0, seqlen=24))
+    assert (tmp_path / "checkpoint" / "cbq.pt").exists()  # a killed run keeps it
+    make_trainer(tmp_path, deep_llama(), knobs=knobs(epochs=1, cache=cache)).run(
+        tokens(4, seed=0, seqlen=24)
+    )
+    assert not (tmp_path / "checkpoint").exists()
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
