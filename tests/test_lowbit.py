@@ -35,7 +35,7 @@ def lowbit_pair(tmp_path, family: str, quant: QuantConfig):
     return model, load_lowbit(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3", "bloom"])
 @pytest.mark.parametrize("quant", [W4G32, W4, W4_SYM], ids=lambda q: q.name)
 def test_int4_kernel_matches_fake_quant(tmp_path, family, quant):
     model, lowbit = lowbit_pair(tmp_path, family, quant)
@@ -45,7 +45,7 @@ def test_int4_kernel_matches_fake_quant(tmp_path, family, quant):
     assert relative(ppl(lowbit), ppl(model)) < 1e-6
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3", "bloom"])
 def test_int8_kernel_quantizes_activations_as_the_fake_quant_model(tmp_path, family):
     model, lowbit = lowbit_pair(tmp_path, family, W8A8)
     for name, _ in quant_linears(model):
