@@ -15,12 +15,14 @@ prompts and windows:
 - perplexity on the first ``--windows`` evaluation windows of wiki-sample, against the
   in-memory fake-quant model's on the same windows.
 
-    python -m benchmarks.lowbit_inference [--model smollm2-135m] [--rounds 3] [--kernels-only]
+    python -m benchmarks.lowbit_inference [--model smollm2-135m] [--rounds 3]
+        [--kernels-only | --nudge]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -39,6 +41,7 @@ from cbq.eval import perplexity
 from cbq.export import directory_size, export_model
 from cbq.models import adapter_for
 from cbq.models.loader import load_model
+from cbq.quant import quant_linears
 
 CACHE = Path("~/.cache/cbq").expanduser()
 SETTINGS = {
@@ -69,8 +72,7 @@ def prepare(args: argparse.Namespace, root: Path) -> dict[str, float]:
     calib = calibration_batch("wiki-sample", tokenizer, n_samples=8, seqlen=512, seed=0)
     fp.config.use_cache = fp.generation_config.use_cache = True  # the loader turns it off
     fp.save_pretrained(root / "fp32")
-    fp.to(torch.bfloat16).save_pretrained(root / "bf16")
-    fp.float()
+    copy.deepcopy(fp).to(torch.bfloat16).save_pretrained(root / "bf16")
     for path in ("fp32", "bf16"):
         tokenizer.save_pretrained(root / path)
     fake_quant = {}
@@ -80,6 +82,25 @@ def prepare(args: argparse.Namespace, root: Path) -> dict[str, float]:
         fake_quant[name + " bf16"] = perplexity(adapter_for(model), windows, bf16=True)
         export_model(model, tokenizer, root / name, ExportFormat.compressed_tensors, method="rtn")
     return fake_quant
+
+
+def nudge_sensitivity(args: argparse.Namespace) -> None:
+    """How far the fake-quant W8A8 model's perplexity moves when every quantized weight is
+    scaled by 1 + 1e-6 (a float rounding's size): the scale of difference that 8-bit
+    activation codes flipping at their rounding boundaries can make."""
+    fp, tokenizer = load_model(args.model, None, cache_dir=CACHE)
+    windows = eval_windows(tokenizer, args)
+    calib = calibration_batch("wiki-sample", tokenizer, n_samples=8, seqlen=512, seed=0)
+    model = rtn_copy(fp, SETTINGS["w8a8"], calib)
+    before = perplexity(adapter_for(model), windows)
+    with torch.no_grad():
+        for _, qlinear in quant_linears(model):
+            qlinear.linear.weight.mul_(1 + 1e-6)  # materialized: the quantized weight itself
+    after = perplexity(adapter_for(model), windows)
+    print(
+        f"w8a8 fake-quant ppl on {args.windows} windows: {before:.3f}; with every quantized "
+        f"weight x (1 + 1e-6): {after:.3f} ({100 * (after / before - 1):+.2f}%)"
+    )
 
 
 def eval_windows(tokenizer, args: argparse.Namespace) -> torch.Tensor:
@@ -239,6 +260,9 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--decode", type=int, default=32)
     parser.add_argument("--kernels-only", action="store_true", help="only the one-linear table")
+    parser.add_argument(
+        "--nudge", action="store_true", help="only W8A8's perplexity under a 1e-6 weight nudge"
+    )
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,6 +271,9 @@ def main() -> None:
         return
     if args.kernels_only:
         one_linear(args)
+        return
+    if args.nudge:
+        nudge_sensitivity(args)
         return
     with tempfile.TemporaryDirectory(prefix="lowbit-") as tmp:
         root = Path(tmp)

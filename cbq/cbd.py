@@ -253,8 +253,8 @@ class CBDTrainer:
         return self.stats
 
     def _remove_checkpoint(self) -> None:
-        """A finished run needs no checkpoint (0.4-0.5 GB for the packaged models), as the
-        block pipeline's runs do not; the run's model is in memory, its record written next."""
+        """A finished run keeps no checkpoint (0.4-0.5 GB for the packaged models), like the
+        block pipeline's runs: the quantized model is in memory and its record is written next."""
         for name in ("x_q", "x_fp"):
             if self.store.has(name):
                 self.store.drop(name)
