@@ -33,12 +33,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.eval_dtype import rtn_copy
 from cbq.config import ExportFormat, QuantConfig
 from cbq.data import calibration_batch, evaluation_windows
 from cbq.eval import perplexity
 from cbq.export import directory_size, export_model
+from cbq.lowbit import CompressedLinear, int4_weight, int8_weight, load_lowbit
 from cbq.models import adapter_for
 from cbq.models.loader import load_model
 from cbq.quant import quant_linears
@@ -114,20 +116,15 @@ def eval_windows(tokenizer, args: argparse.Namespace) -> torch.Tensor:
 
 
 def load(directory: Path, dtype: torch.dtype) -> nn.Module:
-    if (directory / "config.json").read_text().find("quantization_config") < 0:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-    from cbq.lowbit import load_lowbit
-
-    return load_lowbit(directory, dtype)
+    """A quantized export on the integer kernels; an unquantized checkpoint as it is."""
+    if "quantization_config" in json.loads((directory / "config.json").read_text()):
+        return load_lowbit(directory, dtype)
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
 @torch.no_grad()
 def measure(directory: Path, dtype_name: str, args: argparse.Namespace) -> dict[str, float]:
     """One variant, in this process: speeds, perplexity, peak RSS."""
-    from transformers import AutoTokenizer
-
     dtype = getattr(torch, dtype_name)
     model = load(directory, dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -199,8 +196,6 @@ def report(args: argparse.Namespace, results: dict, fake_quant: dict, sizes: dic
 def one_linear(args: argparse.Namespace, out_features: int = 1536, in_features: int = 576):
     """Milliseconds of one SmolLM2-sized linear (576 -> 1536) on each kernel, at 1 token and
     at the prefill length: what the model-level rows are made of."""
-    from cbq.lowbit import CompressedLinear, int4_weight, int8_weight
-
     generator = torch.Generator().manual_seed(0)
     shape, groups = (out_features, in_features), in_features // 64
 
