@@ -247,6 +247,8 @@ class CBDTrainer:
             self._window(number, len(schedule), start, end)
             self._commit(start, commit_end)
             self._save_checkpoint(number + 1, fingerprint)
+            for index in range(start, commit_end):
+                self.adapter.residency.release(index)
             if self.stop_after_window == number:
                 raise KeyboardInterrupt(f"stopped after window {number} (test hook)")
         self._remove_checkpoint()
@@ -625,6 +627,7 @@ class CBDTrainer:
 
     # --- running blocks ------------------------------------------------------------------
     def _to_device(self, index: int) -> None:
+        self.adapter.residency.acquire(index)
         self.adapter.blocks()[index].to(self.device)
         if index in self.fp_blocks:
             self.fp_blocks[index].to(self.device)
@@ -700,6 +703,7 @@ class CBDTrainer:
             )
         blocks = self.adapter.blocks()
         for index in state["prepared"]:
+            self.adapter.residency.acquire(index)
             if index in state["fp_blocks"]:
                 fp_copy = copy.deepcopy(blocks[index]).requires_grad_(False)
                 fp_copy.load_state_dict(state["fp_blocks"][index])
@@ -713,6 +717,7 @@ class CBDTrainer:
             if index in state["committed"]:
                 blocks[index].load_state_dict(torch.load(self._committed_path(index)))
                 blocks[index].requires_grad_(False)
+                self.adapter.residency.release(index)
             else:
                 self._attach_rounding(index, wrapped.values())
                 blocks[index].load_state_dict(state["blocks"][index])

@@ -50,6 +50,10 @@ class ModelConfig:
     # A hub id or a local directory; overrides the packaged model.
     path: str | None = None
     cache_dir: str = "${oc.env:CBQ_CACHE,'~/.cache/cbq'}"
+    # Build the model without weights and read each block's weights from the safetensors
+    # checkpoint when the method reaches it; committed blocks go to <run dir>/offload and
+    # evaluation walks them the same way. For models larger than RAM.
+    lazy: bool = False
 
 
 @dataclass

@@ -126,9 +126,11 @@ class BlockPipeline:
         blocks = range(first, n_blocks)
         progress = tqdm(blocks, desc=self.desc, unit="block", initial=first, total=n_blocks)
         for index in progress:
+            self.adapter.residency.acquire(index)
             stats.append(work(index, streams, ctx))
             streams = self._advance(index, streams, ctx)
             self._save(index, streams, stats)
+            self.adapter.residency.release(index)
             if self.stop_after_block == index:
                 raise KeyboardInterrupt(f"stopped after block {index} (test hook)")
         if self.checkpoint is not None:
@@ -176,8 +178,10 @@ class BlockPipeline:
             )
         blocks = self.adapter.blocks()
         for index in range(state["next_block"]):
+            self.adapter.residency.acquire(index)
             self.checkpoint.restore(index)
             blocks[index].load_state_dict(torch.load(self.checkpoint.block_path(index)))
+            self.adapter.residency.release(index)
         self.resumed_at = state["next_block"]
         log.info("resumed %s at block %d", self.desc, self.resumed_at)
         fp = None if state["fp"] is None else state["fp"].to(self.device)

@@ -18,6 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cbq.config import (
     Config,
@@ -31,7 +32,9 @@ from cbq.data import calibration_batch, evaluation_windows, metric_name
 from cbq.eval import evaluate_zeroshot, perplexity, prepare_zeroshot
 from cbq.export import check_exportable, export_model
 from cbq.methods import METHODS, RunContext, build_method
-from cbq.models import adapter_for, load_model
+from cbq.models import ModelAdapter, adapter_for, load_model
+from cbq.models.loader import load_skeleton, model_directory
+from cbq.models.residency import make_lazy
 from cbq.results import RunRecord, write_skipped
 from cbq.sweep import skip_reason, sweep_overrides, swept_axes
 from cbq.tracking import Tracker
@@ -124,14 +127,7 @@ def _execute(
             zeroshot = prepare_zeroshot(cfg.eval.zeroshot, run_dir / "zeroshot")
         record.add_stats({"zeroshot/skipped": zeroshot.skipped})
     with record.phase("load_model"):
-        model, tokenizer = load_model(
-            cfg.model.name,
-            cfg.model.path,
-            cache_dir=Path(cfg.model.cache_dir).expanduser(),
-            dtype=dtype,
-            device=str(device),
-        )
-        adapter = adapter_for(model)
+        model, tokenizer, adapter = _load(cfg, dtype, device, run_dir)
     if cfg.export.format is ExportFormat.compressed_tensors and cfg.method["name"] != "fp":
         check_exportable(adapter, cfg.quant.weight_spec(), cfg.quant.act_spec())
     calib = None
@@ -151,7 +147,8 @@ def _execute(
             RunContext(device=device, run_dir=run_dir, log=tracker.log, resumable=True),
         )
     record.add_stats(stats)
-    model.to(device)  # methods may leave committed blocks offloaded to the CPU
+    if not cfg.model.lazy:
+        model.to(device)  # methods may leave committed blocks offloaded to the CPU
     if cfg.export.format is not ExportFormat.none:
         _export(cfg, model, tokenizer, run_dir, record)
     if cfg.eval.ppl:
@@ -186,6 +183,25 @@ def _execute(
         record.add_metrics(results.metrics())
         record.add_stats(results.stats())
         tracker.log(results.metrics())
+
+
+def _load(
+    cfg: Config, dtype: torch.dtype, device: torch.device, run_dir: Path
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelAdapter]:
+    """The model, its tokenizer and adapter; a lazy model's blocks stay on disk until used."""
+    cache_dir = Path(cfg.model.cache_dir).expanduser()
+    if not cfg.model.lazy:
+        model, tokenizer = load_model(
+            cfg.model.name, cfg.model.path, cache_dir=cache_dir, dtype=dtype, device=str(device)
+        )
+        return model, tokenizer, adapter_for(model)
+    directory = model_directory(cfg.model.name, cfg.model.path, cache_dir)
+    model, tokenizer = load_skeleton(directory, dtype)
+    adapter = adapter_for(model)
+    adapter.residency = make_lazy(
+        model, adapter.blocks(), directory, run_dir / "offload", dtype, device
+    )
+    return model, tokenizer, adapter
 
 
 def _export(cfg: Config, model, tokenizer, run_dir: Path, record: RunRecord) -> None:

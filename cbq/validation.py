@@ -6,6 +6,8 @@ that no import cycle runs through the config module.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from cbq.config import (
@@ -43,6 +45,7 @@ def validate(cfg: DictConfig | Config) -> Config:
         problems.append(f"eval.batch_size: {typed.eval.batch_size} must be >= 1")
     problems += _zeroshot_problems(typed.eval.zeroshot)
     problems += _export_problems(typed)
+    problems += _lazy_problems(typed)
     if problems:
         raise ConfigError(problems)
     return typed
@@ -202,6 +205,35 @@ def _cbq_component_problems(cfg: Config) -> list[str]:
         )
     if cfg.cfp.search_tokens < 1:
         problems.append(f"cfp.search_tokens: {cfg.cfp.search_tokens} must be >= 1")
+    return problems
+
+
+# The methods whose block loops acquire and release blocks (tested in tests/test_residency.py).
+LAZY_METHODS = ("fp", "rtn", "gptq", "cbq", "autoround")
+
+
+def _lazy_problems(cfg: Config) -> list[str]:
+    if not cfg.model.lazy:
+        return []
+    problems = []
+    if cfg.model.path is not None and not Path(cfg.model.path).expanduser().is_dir():
+        problems.append(
+            f"model.lazy: reads a local safetensors checkpoint; model.path {cfg.model.path!r} "
+            "is not a local directory (set model.path to one, or to null for a packaged model)"
+        )
+    method = cfg.method["name"]
+    if method not in LAZY_METHODS:
+        problems.append(
+            f"model.lazy: method={method} does not load blocks lazily; allowed: "
+            f"{', '.join(LAZY_METHODS)}"
+        )
+    if cfg.export.format is not ExportFormat.none:
+        problems.append(
+            f"model.lazy: export={cfg.export.format.value} would need the whole model in "
+            "memory; the committed blocks are in <run dir>/offload. Use export=none"
+        )
+    if cfg.eval.zeroshot.tasks:
+        problems.append("model.lazy: zero-shot evaluation needs the whole model; use zeroshot=none")
     return problems
 
 

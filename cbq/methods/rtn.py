@@ -42,8 +42,10 @@ class RoundToNearest(QuantMethod):
         stats = {"n_quantized_linears": len(adapter.blocks()) * len(adapter.linear_names())}
         if not self.needs_calibration:  # weights only: no stream to walk
             for index in tqdm(range(len(adapter.blocks())), desc="rtn", unit="block"):
+                adapter.residency.acquire(index)
                 for qlinear in self.wrap(adapter, index).values():
                     qlinear.materialize()
+                adapter.residency.release(index)
             return stats
         assert calib is not None, "static activation ranges need calibration data"
         weight_spec, act_spec = self.quant.weight_spec(), self.quant.act_spec()

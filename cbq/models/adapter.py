@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from cbq.models.residency import ResidentBlocks
+
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
@@ -139,6 +141,9 @@ class ModelAdapter(ABC):
 
     def __init__(self, model: nn.Module):
         self.model = model
+        # Where the blocks' weights live: all in memory, or read and written block by block
+        # (``model.lazy``, cbq.models.residency).
+        self.residency: ResidentBlocks = ResidentBlocks()
 
     @property
     def config(self) -> Any:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from accelerate import init_empty_weights
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -97,6 +98,32 @@ def load_model(
         model, tokenizer = _load_from_hub(path, dtype)
     model.config.use_cache = False
     return model.to(device).eval(), tokenizer
+
+
+def load_skeleton(
+    directory: Path, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model of a local safetensors checkpoint with every parameter on the meta device
+    (no memory; buffers such as rotary tables are real): ``cbq.models.residency.make_lazy``
+    fills it in, block by block."""
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation_for(config.model_type)
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    model.config.use_cache = False
+    return model.eval(), tokenizer
+
+
+def model_directory(name: str, path: str | None, cache_dir: str | Path) -> Path:
+    """The local checkpoint directory of a packaged model or of a local ``model.path``."""
+    if path is None:
+        return packaged_model_dir(name, cache_dir)
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model.path {path!r} is not a local directory")
+    return directory
 
 
 def packaged_model_dir(name: str, cache_dir: str | Path) -> Path:

@@ -1,0 +1,175 @@
+"""Lazily loaded models (``model.lazy``): blocks read from safetensors when a method or the
+evaluation reaches them, written out and freed once committed. The quantized weights and the
+perplexity must equal an eager load's, and at most one window of blocks may be in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cbq.config import Config, ConfigError, QuantConfig
+from cbq.eval import perplexity
+from cbq.methods import RunContext, build_method
+from cbq.models import adapter_for, tiny_model, tiny_tokenizer
+from cbq.models.loader import load_model, load_skeleton
+from cbq.models.residency import LazyBlocks, block_tensors, make_lazy
+from cbq.pipeline import BlockPipeline
+from cbq.validation import validate
+
+from helpers import CPU, tokens
+
+W3G16 = QuantConfig(name="w3a16g16", w_bits=3, w_granularity="per_group", w_group_size=16)
+W8A8 = QuantConfig(name="w8a8", w_bits=8, a_bits=8)
+METHODS = {
+    "rtn": ({"name": "rtn"}, W3G16),
+    "rtn-static": ({"name": "rtn"}, W8A8),
+    "gptq": ({"name": "gptq"}, W3G16),
+    "cbq": ({"name": "cbq", "iters": 4, "forward_batch": 2}, W3G16),
+    "autoround": ({"name": "autoround", "iters": 4, "batch_size": 2}, W3G16),
+}
+
+
+class CountingBlocks(LazyBlocks):
+    """Records the most blocks that were ever resident at once."""
+
+    most_resident = 0
+
+    def acquire(self, index: int) -> None:
+        super().acquire(index)
+        self.most_resident = max(self.most_resident, len(self.resident))
+
+
+def lazy_adapter(directory: Path, offload: Path):
+    model, _ = load_skeleton(directory)
+    adapter = adapter_for(model)
+    lazy = make_lazy(model, adapter.blocks(), directory, offload, torch.float32, CPU)
+    lazy.__class__ = CountingBlocks
+    adapter.residency = lazy
+    return adapter
+
+
+def eager_adapter(directory: Path):
+    model, _ = load_model("tiny", str(directory), cache_dir=directory)
+    return adapter_for(model)
+
+
+def quantize(adapter, method: str, run_dir: Path, resumable: bool = False) -> None:
+    cfg, quant = METHODS[method]
+    build_method(Config(method=dict(cfg), quant=quant)).quantize(
+        adapter, tokens(4, seed=0), RunContext(CPU, run_dir, resumable=resumable)
+    )
+
+
+def block_state(adapter, index: int) -> dict[str, torch.Tensor]:
+    adapter.residency.acquire(index)
+    state = {name: t.detach().clone() for name, t in block_tensors(adapter.blocks()[index])}
+    adapter.residency.evict(index)
+    return state
+
+
+def test_skeleton_holds_no_block_weights_until_acquired(saved_tiny_model, tmp_path):
+    adapter = lazy_adapter(saved_tiny_model("llama"), tmp_path / "offload")
+    eager = eager_adapter(saved_tiny_model("llama"))
+    block = adapter.blocks()[1]
+    assert all(t.is_meta for _, t in block_tensors(block))
+    assert not adapter.embed(tokens(1, seed=0)).is_meta  # embeddings are loaded at once
+    adapter.residency.acquire(1)
+    for (name, got), (_, want) in zip(
+        block_tensors(block), block_tensors(eager.blocks()[1]), strict=True
+    ):
+        assert torch.equal(got, want), name
+    adapter.residency.evict(1)
+    assert all(t.is_meta for _, t in block_tensors(block))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
+def test_layerwise_perplexity_of_a_lazy_model_equals_the_eager_one(
+    saved_tiny_model, tmp_path, family
+):
+    windows = tokens(3, seed=4)
+    lazy = lazy_adapter(saved_tiny_model(family), tmp_path / "offload")
+    eager = eager_adapter(saved_tiny_model(family))
+    got, want = perplexity(lazy, windows, batch_size=2), perplexity(eager, windows, batch_size=2)
+    assert got == pytest.approx(want, rel=1e-6)
+    assert lazy.residency.most_resident == 1 and not lazy.residency.resident
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_lazy_quantization_equals_eager(saved_tiny_model, tmp_path, method):
+    directory = saved_tiny_model("llama")
+    lazy = lazy_adapter(directory, tmp_path / "lazy" / "offload")
+    eager = eager_adapter(directory)
+    quantize(lazy, method, tmp_path / "lazy")
+    quantize(eager, method, tmp_path / "eager")
+    n_blocks = len(eager.blocks())
+    assert lazy.residency.released == set(range(n_blocks))  # every block was written out
+    assert not lazy.residency.resident  # and freed
+    # One block at a time for the block-wise pipeline, one window (K=2) for the trainer.
+    assert lazy.residency.most_resident == (2 if method == "cbq" else 1)
+    for index in range(n_blocks):
+        want = {name: t for name, t in block_tensors(eager.blocks()[index])}
+        got = block_state(lazy, index)
+        assert got.keys() == want.keys()
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+    windows = tokens(2, seed=9)
+    assert perplexity(lazy, windows) == pytest.approx(perplexity(eager, windows), rel=1e-5)
+
+
+def test_killed_lazy_run_resumes_to_the_eager_result(saved_tiny_model, tmp_path, monkeypatch):
+    directory = saved_tiny_model("llama")
+    eager = eager_adapter(directory)
+    quantize(eager, "gptq", tmp_path / "eager")
+    monkeypatch.setattr(BlockPipeline, "stop_after_block", 0)
+    with pytest.raises(KeyboardInterrupt):
+        quantize(
+            lazy_adapter(directory, tmp_path / "run" / "offload"), "gptq", tmp_path / "run", True
+        )
+    monkeypatch.setattr(BlockPipeline, "stop_after_block", None)
+    resumed = lazy_adapter(directory, tmp_path / "run" / "offload")  # a new process
+    quantize(resumed, "gptq", tmp_path / "run", resumable=True)
+    for index in range(len(eager.blocks())):
+        got = block_state(resumed, index)
+        for name, tensor in block_tensors(eager.blocks()[index]):
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_resident_blocks_do_not_grow_with_depth(tmp_path):
+    """The memory a lazy CBQ run holds is one window, at any depth."""
+    most = {}
+    for depth in (2, 6):
+        directory = tmp_path / f"depth{depth}"
+        tiny_model("llama", num_hidden_layers=depth).save_pretrained(directory)
+        tiny_tokenizer().save_pretrained(directory)
+        adapter = lazy_adapter(directory, tmp_path / f"offload{depth}")
+        quantize(adapter, "cbq", tmp_path / f"run{depth}")
+        most[depth] = adapter.residency.most_resident
+    assert most == {2: 2, 6: 2}
+
+
+def test_lazy_run_end_to_end(tiny_run, tmp_path):
+    eager, _ = tiny_run("llama", "method=gptq", "quant=w3a16g128", run_dir=tmp_path / "eager")
+    lazy, record = tiny_run(
+        "llama", "method=gptq", "quant=w3a16g128", "model.lazy=true", run_dir=tmp_path / "lazy"
+    )
+    assert lazy == pytest.approx(eager, rel=1e-5)
+    assert record["config"]["model"]["lazy"] is True
+    assert sorted(p.name for p in (tmp_path / "lazy" / "offload").iterdir())[:2] == [
+        "block_0.safetensors",
+        "block_1.safetensors",
+    ]
+
+
+def test_lazy_refuses_what_needs_the_whole_model(compose_cfg):
+    overrides = ["model.path=org/hub-id", "model.lazy=true", "method=awq", "export=dequantized"]
+    cfg = compose_cfg([*overrides, "zeroshot=offline"])
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    message = str(error.value)
+    assert "model.path 'org/hub-id' is not a local directory" in message
+    assert (
+        "method=awq does not load blocks lazily; allowed: fp, rtn, gptq, cbq, autoround" in message
+    )
+    assert "export=dequantized" in message and "zeroshot=none" in message
