@@ -29,7 +29,7 @@ from cbq.config import register_configs
 from cbq.data import calibration_batch
 from cbq.methods import method_config
 from cbq.models.loader import load_model
-from cbq.results import write_json_atomic
+from cbq.results import ResultRecord
 from cbq.run import calibration_record, run
 from cbq.validation import validate
 
@@ -94,17 +94,17 @@ def main(argv: list[str]) -> None:
 
 def relabel(path: Path, cfg, method, peer: dict) -> None:
     """The fp-run record of the library's checkpoint, as a record of the library's method."""
-    record = json.loads(path.read_text())
-    record["config"]["method"] = {
+    record = ResultRecord.load(path)
+    record.config["method"] = {
         "name": LABEL,
         "iters": method.iters,
         "batch_size": method.batch_size,
         "library": f"{peer['library']}=={peer['version']}",
     }
-    record["config"]["quant"] = OmegaConf.to_container(OmegaConf.structured(cfg.quant))
-    record["calibration"] = calibration_record(cfg, True)
-    record.setdefault("timing_s", {})["quantize"] = peer["quantize_s"]
-    write_json_atomic(path, record)
+    record.config["quant"] = OmegaConf.to_container(OmegaConf.structured(cfg.quant))
+    record.calibration = calibration_record(cfg, True)
+    record.timing_s["quantize"] = peer["quantize_s"]
+    record.save(path)
 
 
 if __name__ == "__main__":

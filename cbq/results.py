@@ -25,7 +25,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from enum import StrEnum
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,16 +39,78 @@ RESULTS_FILE = "results.json"
 TRACKED_PACKAGES = ("cbq", "torch", "transformers", "lm-eval", "hydra-core", "datasets", "wandb")
 
 
+class Status(StrEnum):
+    running = "running"
+    finished = "finished"
+    failed = "failed"
+    skipped = "skipped"  # a sweep job not worth running (cbq.sweep), with its reason
+
+
+@dataclass
+class ResultRecord:
+    """One run's ``results.json``, typed: what :class:`RunRecord` writes and what
+    ``cbq.report`` reads. Fields a record does not have (an older run's) take their defaults;
+    keys this class does not know are kept in ``extra`` and written back as they were."""
+
+    status: Status = Status.running
+    metrics: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    timing_s: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)
+    seed: int | None = None
+    calibration: dict[str, Any] | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)
+    git: dict[str, Any] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    written_at: str | None = None
+    error: str | None = None
+    reason: str | None = None  # why a skipped job was skipped
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Where the record was read from (not written).
+    path: Path | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], path: Path | None = None) -> ResultRecord:
+        known = {f.name for f in fields(cls)} - {"extra", "path"}
+        values = {key: value for key, value in data.items() if key in known}
+        values["status"] = Status(values.get("status", Status.running))
+        extra = {key: value for key, value in data.items() if key not in known}
+        return cls(**values, extra=extra, path=path)
+
+    @classmethod
+    def load(cls, path: Path) -> ResultRecord:
+        """The record in ``path`` (a results.json); ``path`` is set to its run dir."""
+        return cls.from_json(json.loads(path.read_text()), path.parent)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "path")
+        }
+        data["status"] = self.status.value
+        for optional in ("error", "reason"):
+            if data[optional] is None:
+                del data[optional]
+        return data | self.extra
+
+    def save(self, path: Path) -> None:
+        """Write atomically to ``path``, stamping ``written_at``."""
+        self.written_at = utc_stamp()
+        write_json_atomic(path, self.to_json())
+
+    def written_timestamp(self) -> float:
+        """When the record was last written: its stamp, else its file's mtime."""
+        if self.written_at:
+            return datetime.fromisoformat(self.written_at).timestamp()
+        if self.path is None:
+            return 0.0
+        return (self.path / RESULTS_FILE).stat().st_mtime
+
+
 def utc_stamp(timestamp: float | None = None) -> str:
     """``timestamp`` (seconds since the epoch; default: now) as an ISO 8601 UTC string."""
     moment = datetime.now(UTC) if timestamp is None else datetime.fromtimestamp(timestamp, UTC)
     return moment.isoformat(timespec="seconds")
-
-
-def written_at(path: Path, record: dict[str, Any]) -> float:
-    """When the record was last written: its ``written_at`` stamp, else the file's mtime."""
-    stamp = record.get("written_at")
-    return datetime.fromisoformat(stamp).timestamp() if stamp else path.stat().st_mtime
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -124,16 +188,10 @@ class RSSSampler:
 def write_skipped(run_dir: Path, config: dict[str, Any], reason: str) -> Path:
     """The record of a sweep job that was not run, and why (see :mod:`cbq.sweep`)."""
     path = run_dir / RESULTS_FILE
-    payload = {
-        "status": "skipped",
-        "reason": reason,
-        "written_at": utc_stamp(),
-        "metrics": {},
-        "versions": package_versions(),
-        "git": git_state(),
-        "config": config,
-    }
-    write_json_atomic(path, payload)
+    record = ResultRecord(
+        Status.skipped, reason=reason, versions=package_versions(), git=git_state(), config=config
+    )
+    record.save(path)
     return path
 
 
@@ -147,24 +205,19 @@ class RunRecord:
         self.rss = RSSSampler()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.payload: dict[str, Any] = {
-            "status": "running",
-            "metrics": {},
-            "stats": {},
-            "timing_s": {},
-            "memory": {},
-            "seed": seed,
-            "calibration": calibration,
-            "versions": package_versions(),
-            "git": git_state(),
-            "host": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
-            "config": config,
-        }
+        self.record = ResultRecord(
+            seed=seed,
+            calibration=calibration,
+            versions=package_versions(),
+            git=git_state(),
+            host={"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
+            config=config,
+        )
         self.save()
 
     @property
     def metrics(self) -> dict[str, float]:
-        return self.payload["metrics"]
+        return self.record.metrics
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -173,7 +226,7 @@ class RunRecord:
         try:
             yield
         finally:
-            self.payload["timing_s"][name] = round(time.perf_counter() - start, 3)
+            self.record.timing_s[name] = round(time.perf_counter() - start, 3)
             self._update_memory()
             self.save()
 
@@ -182,30 +235,27 @@ class RunRecord:
         self.save()
 
     def add_stats(self, stats: dict[str, Any]) -> None:
-        self.payload["stats"].update(stats)
+        self.record.stats.update(stats)
         self.save()
 
-    def finish(self, status: str = "finished", error: str | None = None) -> None:
-        self.payload["status"] = status
-        if error:
-            self.payload["error"] = error
-        self.payload["timing_s"]["total"] = round(
-            sum(v for k, v in self.payload["timing_s"].items() if k != "total"), 3
-        )
+    def finish(self, status: Status = Status.finished, error: str | None = None) -> None:
+        self.record.status = status
+        self.record.error = error or None
+        timing = self.record.timing_s
+        timing["total"] = round(sum(v for k, v in timing.items() if k != "total"), 3)
         self._update_memory()
         self.rss.stop()
         self.save()
 
     def _update_memory(self) -> None:
-        memory = self.payload["memory"]
+        memory = self.record.memory
         memory["peak_rss_mib"] = round(self.rss.peak_mib, 1)
         memory["process_peak_rss_mib"] = round(process_peak_rss_mib(), 1)
         if torch.cuda.is_available():
             memory["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
     def save(self) -> None:
-        self.payload["written_at"] = utc_stamp()
-        write_json_atomic(self.path, self.payload)
+        self.record.save(self.path)
 
 
 def archive(sweeps: list[Path], destination: Path) -> list[Path]:
@@ -215,12 +265,12 @@ def archive(sweeps: list[Path], destination: Path) -> list[Path]:
     copied = []
     for sweep in sweeps:
         for source in sorted(sweep.rglob(RESULTS_FILE)):
-            record = json.loads(source.read_text())
-            if record.get("status") != "finished":
+            record = ResultRecord.load(source)
+            if record.status is not Status.finished:
                 continue
-            record.setdefault("written_at", utc_stamp(source.stat().st_mtime))
+            record.written_at = record.written_at or utc_stamp(source.stat().st_mtime)
             target = destination / sweep.name / source.relative_to(sweep)
-            write_json_atomic(target, record)
+            write_json_atomic(target, record.to_json())
             shutil.copystat(source, target)
             copied.append(target)
     return copied

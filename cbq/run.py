@@ -35,7 +35,7 @@ from cbq.methods import METHODS, RunContext, build_method
 from cbq.models import ModelAdapter, adapter_for, load_model
 from cbq.models.loader import load_skeleton, model_directory
 from cbq.models.residency import make_lazy
-from cbq.results import RunRecord, write_skipped
+from cbq.results import RunRecord, Status, write_skipped
 from cbq.sweep import skip_reason, sweep_overrides, swept_axes
 from cbq.tracking import Tracker
 from cbq.validation import validate
@@ -104,14 +104,14 @@ def run(raw_cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     try:
         _execute(cfg, method, device, run_dir, record, tracker)
     except BaseException as error:
-        record.finish("failed", f"{type(error).__name__}: {error}")
+        record.finish(Status.failed, f"{type(error).__name__}: {error}")
         tracker.finish(exit_code=1)
         raise
     record.finish()
     tracker.summary(
-        {**record.metrics, **{f"time/{k}": v for k, v in record.payload["timing_s"].items()}}
+        {**record.metrics, **{f"time/{k}": v for k, v in record.record.timing_s.items()}}
     )
-    tracker.summary({f"memory/{k}": v for k, v in record.payload["memory"].items()})
+    tracker.summary({f"memory/{k}": v for k, v in record.record.memory.items()})
     tracker.finish()
     log.info("results: %s", record.path)
     return record.metrics

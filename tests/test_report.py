@@ -26,14 +26,14 @@ from cbq.report import (
     table_csv,
     table_markdown,
 )
-from cbq.report_plots import (
+from cbq.report.plots import (
     kl_share,
     loss_balance_figures,
     run_labels,
     window_loss_figures,
     write_plots,
 )
-from cbq.results import archive, write_json_atomic
+from cbq.results import ResultRecord, archive, write_json_atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -513,7 +513,7 @@ def test_where_keeps_only_matching_runs_and_rejects_a_malformed_condition(tmp_pa
         sweep.add(run(method, quant, ppl={"wiki-sample": ppl}))
     records = load_results(tmp_path)
     kept = matching(records, ["method.name=cbq", "setting=w4a16,w4a4"])
-    assert [(r["config"]["method"]["name"], setting(r)) for r in kept] == [("cbq", "w4a16")]
+    assert [(r.config["method"]["name"], setting(r)) for r in kept] == [("cbq", "w4a16")]
     main([str(tmp_path), "--rows", "method.name", "--where", "setting=w8a8"])
     assert capsys.readouterr().out.splitlines()[2] == "| cbq | 25.00 |"
     main(
@@ -611,5 +611,6 @@ def test_variant_rows_name_cbq_components_that_differ_from_the_paper(tmp_path, c
 def test_rounding_label_names_the_form():
     sigmoid = run(rounding=("lora", 5))
     sigmoid["config"]["rounding"]["form"] = "sigmoid"
-    assert rounding_label(sigmoid) == "lora r=5, sigmoid"
-    assert rounding_label(run(rounding=("adaround", 5))) == "adaround (full rank)"
+    assert rounding_label(ResultRecord.from_json(sigmoid)) == "lora r=5, sigmoid"
+    full_rank = ResultRecord.from_json(run(rounding=("adaround", 5)))
+    assert rounding_label(full_rank) == "adaround (full rank)"

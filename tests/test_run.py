@@ -12,6 +12,7 @@ import pytest
 
 from cbq.report import format_value
 from cbq.report import main as report_main
+from cbq.results import ResultRecord, Status
 from cbq.run import run
 
 from helpers import run_overrides
@@ -55,6 +56,16 @@ def test_results_file_records_provenance(tiny_run):
     assert 10 < record["memory"]["peak_rss_mib"] <= record["memory"]["process_peak_rss_mib"] + 1
     assert record["config"]["quant"]["name"] == "w4a16"
     assert record["calibration"]["corpus"] is None  # weight-only RTN draws no calibration data
+
+
+def test_the_report_reads_the_record_the_writer_wrote(tiny_run, tmp_path):
+    """The typed record is the writer's and the reader's: a real run's file reads back into
+    it and writes out unchanged, with nothing left over in ``extra``."""
+    _, written = tiny_run("llama", "method=rtn", "quant=w8a8")
+    record = ResultRecord.load(tmp_path / "results.json")
+    assert record.to_json() == written and record.extra == {}
+    assert record.status is Status.finished and record.path == tmp_path
+    assert record.metrics == written["metrics"] and record.stats == written["stats"]
 
 
 def test_failed_run_is_recorded(compose_cfg, tiny_corpus, tmp_path):

@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cbq.report import (
+from cbq.report.runs import (
     Record,
     at_reference,
     bits_order,
@@ -31,6 +31,7 @@ from cbq.report import (
     setting,
     window_label,
 )
+from cbq.results import Status
 
 FP_STYLE = {"color": "0.4", "linestyle": "--", "linewidth": 1.2}
 # Config fields that may tell CBQ runs apart, as (legend name, value of a run).
@@ -46,7 +47,7 @@ RUN_FIELDS: tuple[tuple[str, Any], ...] = (
 
 
 def finished(records: Sequence[Record]) -> list[Record]:
-    return [r for r in records if r.get("status") == "finished"]
+    return [r for r in records if r.status is Status.finished]
 
 
 def models(records: Sequence[Record]) -> list[str]:
@@ -159,10 +160,10 @@ def run_labels(records: Sequence[Record]) -> list[str]:
 def draw_window_losses(ax: Axes, records: Sequence[Record]) -> None:
     """Final loss per window, one line per run. With different window schedules the x axis
     is the window's first block, so that lines line up by depth."""
-    schedules = [[tuple(w["blocks"]) for w in r["stats"]["windows"]] for r in records]
+    schedules = [[tuple(w["blocks"]) for w in r.stats["windows"]] for r in records]
     by_block = len({tuple(s) for s in schedules}) > 1
     for record, schedule, label in zip(records, schedules, run_labels(records), strict=True):
-        losses = [w["final_loss"] for w in record["stats"]["windows"]]
+        losses = [w["final_loss"] for w in record.stats["windows"]]
         xs = [blocks[0] for blocks in schedule] if by_block else list(range(len(losses)))
         ax.plot(xs, losses, marker=".", label=label)
     ax.set_yscale("log")
@@ -191,14 +192,14 @@ def per_model_figures(
 def window_loss_figures(records: Sequence[Record]) -> dict[str, Figure]:
     """One figure per model of the CBQ runs that recorded their windows."""
     runs = [r for r in records if is_cbq(r) and _windows(r)]
-    runs = [r for r in runs if r.get("status") in ("finished", "failed")]
+    runs = [r for r in runs if r.status in (Status.finished, Status.failed)]
     return per_model_figures(
         runs, draw_window_losses, "window_loss", "CBQ loss at the end of each window"
     )
 
 
 def _windows(record: Record) -> list[dict[str, Any]]:
-    return (record.get("stats") or {}).get("windows") or []
+    return record.stats.get("windows") or []
 
 
 def kl_share(terms: dict[str, float]) -> float | None:
@@ -232,7 +233,7 @@ def loss_balance_figures(records: Sequence[Record]) -> dict[str, Figure]:
         r
         for r in records
         if is_cbq(r)
-        and r.get("status") == "finished"
+        and r.status is Status.finished
         and any(kl_share(w.get("loss_terms_hard", {})) is not None for w in _windows(r))
     ]
     return per_model_figures(

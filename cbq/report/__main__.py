@@ -1,0 +1,3 @@
+from cbq.report.cli import main
+
+main()
