@@ -208,10 +208,6 @@ def _cbq_component_problems(cfg: Config) -> list[str]:
     return problems
 
 
-# The methods whose block loops acquire and release blocks (tested in tests/test_residency.py).
-LAZY_METHODS = ("fp", "rtn", "gptq", "cbq", "autoround")
-
-
 def _lazy_problems(cfg: Config) -> list[str]:
     if not cfg.model.lazy:
         return []
@@ -220,12 +216,6 @@ def _lazy_problems(cfg: Config) -> list[str]:
         problems.append(
             f"model.lazy: reads a local safetensors checkpoint; model.path {cfg.model.path!r} "
             "is not a local directory (set model.path to one, or to null for a packaged model)"
-        )
-    method = cfg.method["name"]
-    if method not in LAZY_METHODS:
-        problems.append(
-            f"model.lazy: method={method} does not load blocks lazily; allowed: "
-            f"{', '.join(LAZY_METHODS)}"
         )
     if cfg.export.format is not ExportFormat.none:
         problems.append(
