@@ -44,24 +44,14 @@ from tqdm.auto import tqdm
 
 from cbq import cfp
 from cbq.blockwise import embed_batches
-from cbq.config import (
-    ActRule,
-    CFPConfig,
-    CFPMode,
-    LossConfig,
-    QuantConfig,
-    RoundingConfig,
-    RoundingKind,
-    WeightScope,
-    WindowConfig,
-)
-from cbq.losses import check_finite, reconstruction_terms
+from cbq.cfp import ActRule, CFPConfig, CFPMode, WeightScope
+from cbq.losses import LossConfig, check_finite, reconstruction_terms
 from cbq.models.adapter import ModelAdapter
 from cbq.optim import LRSchedule, OptimizerKind, build_optimizer, build_scheduler
 from cbq.pipeline import atomic_save, cpu_state, settings_fingerprint
 from cbq.quant import QuantLinear, observing_activations, quant_linears, wrap_block
-from cbq.quant.quantizer import Granularity, RangeLearning
-from cbq.quant.rounding import AdaRound, LearnedRounding, LoRARounding
+from cbq.quant.quantizer import Granularity, QuantConfig, RangeLearning
+from cbq.quant.rounding import AdaRound, LearnedRounding, LoRARounding, RoundingConfig, RoundingKind
 
 log = logging.getLogger(__name__)
 MIN_STEP = 1e-8
@@ -72,6 +62,25 @@ def refuse_unwanted_resume(run_dir: Path, resume: bool) -> None:
     checkpoint = run_dir / "checkpoint"
     if not resume and checkpoint.exists():
         raise RuntimeError(f"{checkpoint} exists and method.resume=false; delete it first")
+
+
+@dataclass
+class WindowConfig:
+    """CBQ's sliding window: K blocks trained together; consecutive windows share ``overlap``."""
+
+    size: int = 2
+    overlap: int = 1
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.size < 1:
+            problems.append(f"window.size: {self.size} must be a positive integer")
+        if not 0 <= self.overlap < max(self.size, 1):
+            problems.append(
+                f"window.overlap: {self.overlap} is not allowed; "
+                f"allowed: 0..{self.size - 1} (less than window.size)"
+            )
+        return problems
 
 
 def window_schedule(n_blocks: int, size: int, overlap: int) -> list[tuple[int, int, int]]:

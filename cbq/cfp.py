@@ -30,21 +30,87 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from enum import Enum
-from typing import Literal
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 
 import torch
 from torch import nn
 
 from cbq.models.adapter import BlockContext, ModelAdapter, ScaleGroup
-from cbq.outliers import Distance, OutlierResult, detect_outliers, detect_row_outliers
+from cbq.outliers import OutlierResult, SplitDistance, detect_outliers, detect_row_outliers
 from cbq.quant import QuantSpec
 from cbq.transforms import capture_inputs, first_consumer, group_inputs, search_migration
 
-ClipTo = Literal["threshold", "reserved"]
-CLIP_TO: tuple[str, ...] = ("threshold", "reserved")
-MODES: tuple[str, ...] = ("none", "weight", "weight_act")
+
+class CFPMode(StrEnum):
+    none = "none"
+    weight = "weight"
+    weight_act = "weight_act"
+
+
+class ActRule(StrEnum):
+    outliers = "outliers"
+    migrate = "migrate"
+
+
+class WeightScope(StrEnum):
+    tensor = "tensor"
+    group = "group"
+
+
+class ClipTo(StrEnum):
+    threshold = "threshold"
+    reserved = "reserved"
+
+
+@dataclass
+class CFPConfig:
+    mode: CFPMode = CFPMode.weight_act
+    lambda1: float = 1.5
+    lambda2: float = 1.0
+    # The fine split's inter-set distance: the paper's distance of means, or the gap
+    # between the two sets (see cbq.outliers); log_space splits log|x| instead of |x|.
+    distance: SplitDistance = SplitDistance.mean
+    log_space: bool = False
+    # Clamp / scale outliers down to the split threshold (the paper's: the smallest outlier,
+    # so a lone outlier, the usual find, is left as it is) or to the largest reserved
+    # (non-outlier) value, which always truncates.
+    clip_to: ClipTo = ClipTo.threshold
+    # Where weight outliers are detected: over the whole tensor (the paper's; 2 weights of
+    # SmolLM2 in all) or in each quantization group of each row (group: 1.08% of SmolLM2's
+    # weights at g128 with clip_to=reserved). Truncation that acts costs perplexity at
+    # weight-only settings (docs/cbq_components.md), so the paper's rule is the default.
+    weight_scope: WeightScope = WeightScope.tensor
+    # How mode=weight_act treats activations: "outliers" scales the outlier channels found
+    # by the split (Eq. 5, the paper); "migrate" scales every channel by SmoothQuant's
+    # s = max|X|^a / max|W|^(1-a), with a searched per scale group in ``alphas`` (and s = 1)
+    # against the consumers' fake-quantized output MSE, as OS+ does (cbq.cfp).
+    act_rule: ActRule = ActRule.outliers
+    alphas: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    # Calibration tokens (sampled, seeded by the run's seed) the alpha search runs on.
+    search_tokens: int = 4096
+
+    def problems(self) -> list[str]:
+        problems = [
+            f"cfp.{name}: {getattr(self, name)} must be >= 0"
+            for name in ("lambda1", "lambda2")
+            if getattr(self, name) < 0
+        ]
+        if not self.alphas or not all(0 <= a <= 1 for a in self.alphas):
+            problems.append(
+                f"cfp.alphas: {list(self.alphas)} is not allowed; allowed: a non-empty list "
+                "of values in [0, 1]"
+            )
+        if self.weight_scope is WeightScope.group and self.log_space:
+            problems.append(
+                "cfp.log_space: true is not allowed with cfp.weight_scope=group; allowed: "
+                "false, or cfp.weight_scope=tensor"
+            )
+        if self.search_tokens < 1:
+            problems.append(f"cfp.search_tokens: {self.search_tokens} must be >= 1")
+        return problems
+
+
 # Attribute set on a linear whose input columns were scaled up: a bool tensor per column.
 SCALED_COLUMNS_ATTR = "cbq_cfp_scaled_columns"
 
@@ -68,9 +134,9 @@ def truncate_weight_outliers(
     lambda1: float = 1.5,
     lambda2: float = 1.0,
     *,
-    distance: Distance = "mean",
+    distance: SplitDistance = SplitDistance.mean,
     log_space: bool = False,
-    clip_to: ClipTo = "threshold",
+    clip_to: ClipTo = ClipTo.threshold,
     protected_columns: torch.Tensor | None = None,
     group_size: int | None = None,
 ) -> Truncation:
@@ -117,7 +183,7 @@ def _truncate_groups(
     group_size: int,
     lambda1: float,
     lambda2: float,
-    distance: Distance,
+    distance: SplitDistance,
     clip_to: ClipTo,
     protected_columns: torch.Tensor | None,
 ) -> Truncation:
@@ -125,8 +191,8 @@ def _truncate_groups(
     step size, are clamped to the group's clip level. A partial last group is its own,
     narrower group; protected columns count as zeros in their group's statistics and are
     never changed. ``threshold`` / ``clip`` report the smallest level over the groups."""
-    if clip_to not in CLIP_TO:
-        raise ValueError(f"clip_to must be one of {CLIP_TO}, got {clip_to!r}")
+    if clip_to not in tuple(ClipTo):
+        raise ValueError(f"clip_to must be one of {[c.value for c in ClipTo]}, got {clip_to!r}")
     rows, cols = weight.shape
     keep = torch.ones(cols, dtype=torch.bool, device=weight.device)
     if protected_columns is not None:
@@ -169,9 +235,9 @@ def activation_channel_scales(
     lambda1: float = 1.5,
     lambda2: float = 1.0,
     *,
-    distance: Distance = "mean",
+    distance: SplitDistance = SplitDistance.mean,
     log_space: bool = False,
-    clip_to: ClipTo = "threshold",
+    clip_to: ClipTo = ClipTo.threshold,
 ) -> torch.Tensor:
     """Per-channel scales: ``max|X_j| / c`` on outlier channels (so >= 1), 1 elsewhere.
 
@@ -185,7 +251,7 @@ def _channel_scales(
     channel_absmax: torch.Tensor,
     lambda1: float,
     lambda2: float,
-    distance: Distance,
+    distance: SplitDistance,
     log_space: bool,
     clip_to: ClipTo,
 ) -> tuple[torch.Tensor, OutlierResult]:
@@ -200,8 +266,8 @@ def _channel_scales(
 
 def clip_level(result: OutlierResult, clip_to: ClipTo) -> float:
     """The magnitude outliers are brought down to (``inf`` when there is no outlier)."""
-    if clip_to not in CLIP_TO:
-        raise ValueError(f"clip_to must be one of {CLIP_TO}, got {clip_to!r}")
+    if clip_to not in tuple(ClipTo):
+        raise ValueError(f"clip_to must be one of {[c.value for c in ClipTo]}, got {clip_to!r}")
     return result.threshold if clip_to == "threshold" else result.reserved_max
 
 
@@ -263,9 +329,9 @@ def scale_activation_outliers(
     lambda1: float = 1.5,
     lambda2: float = 1.0,
     *,
-    distance: Distance = "mean",
+    distance: SplitDistance = SplitDistance.mean,
     log_space: bool = False,
-    clip_to: ClipTo = "threshold",
+    clip_to: ClipTo = ClipTo.threshold,
     batch_size: int | None = None,
 ) -> dict[str, int]:
     """Fold Eq. 5 scales for the outlier channels of every scale group of a block, in place.
@@ -344,9 +410,9 @@ def truncate_block_weights(
     lambda1: float = 1.5,
     lambda2: float = 1.0,
     *,
-    distance: Distance = "mean",
+    distance: SplitDistance = SplitDistance.mean,
     log_space: bool = False,
-    clip_to: ClipTo = "threshold",
+    clip_to: ClipTo = ClipTo.threshold,
     protect_scaled: bool = True,
     group_size: int | None = None,
 ) -> dict[str, int]:
@@ -383,9 +449,9 @@ def apply_cfp_to_block(
     lambda1: float = 1.5,
     lambda2: float = 1.0,
     *,
-    distance: Distance = "mean",
+    distance: SplitDistance = SplitDistance.mean,
     log_space: bool = False,
-    clip_to: ClipTo = "threshold",
+    clip_to: ClipTo = ClipTo.threshold,
     protect_scaled: bool = True,
     batch_size: int | None = None,
 ) -> dict[str, dict[str, int]]:
@@ -416,8 +482,9 @@ def apply_cfp_to_block(
 def cfp_mode(mode: str | Enum) -> str:
     """``"none"``, ``"weight"`` or ``"weight_act"`` from a string or a str-Enum member."""
     name = str(getattr(mode, "value", mode)).replace("+", "_")
-    if name not in MODES:
-        raise ValueError(f"CFP mode must be one of {MODES} (or 'weight+act'), got {mode!r}")
+    if name not in tuple(CFPMode):
+        modes = [m.value for m in CFPMode]
+        raise ValueError(f"CFP mode must be one of {modes} (or 'weight+act'), got {mode!r}")
     return name
 
 

@@ -16,13 +16,31 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from cbq.losses import LossKind
-from cbq.quant.quantizer import FULL_PRECISION_BITS, Granularity, QuantSpec
-from cbq.quant.rounding import RoundingForm
+from cbq.cbd import WindowConfig
+from cbq.cfp import ActRule, CFPConfig, CFPMode, ClipTo, SplitDistance, WeightScope
+from cbq.losses import LossConfig, LossKind
+from cbq.quant.quantizer import Granularity, QuantConfig
+from cbq.quant.rounding import RoundingConfig, RoundingForm, RoundingKind
 
-WEIGHT_GRANULARITIES = (Granularity.per_tensor, Granularity.per_channel, Granularity.per_group)
-ACT_GRANULARITIES = (Granularity.per_tensor, Granularity.per_token)
-ALLOWED_BITS = "2..8, or 16 for full precision"
+# The configs of the packages, assembled into Config below (and importable from here).
+__all__ = [
+    "ActRule",
+    "CFPConfig",
+    "CFPMode",
+    "ClipTo",
+    "Config",
+    "ConfigError",
+    "Granularity",
+    "LossConfig",
+    "LossKind",
+    "QuantConfig",
+    "RoundingConfig",
+    "RoundingForm",
+    "RoundingKind",
+    "SplitDistance",
+    "WeightScope",
+    "WindowConfig",
+]
 
 
 class Device(StrEnum):
@@ -54,35 +72,6 @@ class ModelConfig:
     # checkpoint when the method reaches it; committed blocks go to <run dir>/offload and
     # evaluation walks them the same way. For models larger than RAM.
     lazy: bool = False
-
-
-@dataclass
-class QuantConfig:
-    name: str = "w4a16"
-    w_bits: int = 4
-    w_symmetric: bool = False
-    w_granularity: Granularity = Granularity.per_channel
-    w_group_size: int | None = None
-    a_bits: int = FULL_PRECISION_BITS
-    a_symmetric: bool = False
-    a_granularity: Granularity = Granularity.per_tensor
-    a_dynamic: bool = False
-
-    def weight_spec(self) -> QuantSpec:
-        return QuantSpec(
-            bits=self.w_bits,
-            symmetric=self.w_symmetric,
-            granularity=Granularity(self.w_granularity),
-            group_size=self.w_group_size,
-        )
-
-    def act_spec(self) -> QuantSpec:
-        return QuantSpec(
-            bits=self.a_bits,
-            symmetric=self.a_symmetric,
-            granularity=Granularity(self.a_granularity),
-            dynamic=self.a_dynamic,
-        )
 
 
 @dataclass
@@ -160,102 +149,6 @@ class ExperimentConfig:
     table: int | None = None
     scale: str = "cpu"
     scales: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
-@dataclass
-class WindowConfig:
-    """CBQ's sliding window: K blocks trained together; consecutive windows share ``overlap``."""
-
-    size: int = 2
-    overlap: int = 1
-
-
-@dataclass
-class LossConfig:
-    kind: LossKind = LossKind.l2_kl
-    # Also match the FP blocks fed with the quantized stream (homologous reconstruction).
-    homologous: bool = True
-    l2_weight: float = 1.0
-    kl_weight: float = 1.0
-    # Divide the L2 term by the target's mean square, so that every window's loss is on the
-    # same scale whatever the magnitude of the residual stream (not in the paper).
-    l2_relative: bool = False
-
-
-class CFPMode(StrEnum):
-    none = "none"
-    weight = "weight"
-    weight_act = "weight_act"
-
-
-class ActRule(StrEnum):
-    outliers = "outliers"
-    migrate = "migrate"
-
-
-class SplitDistance(StrEnum):
-    mean = "mean"
-    gap = "gap"
-
-
-class WeightScope(StrEnum):
-    tensor = "tensor"
-    group = "group"
-
-
-class ClipTo(StrEnum):
-    threshold = "threshold"
-    reserved = "reserved"
-
-
-@dataclass
-class CFPConfig:
-    mode: CFPMode = CFPMode.weight_act
-    lambda1: float = 1.5
-    lambda2: float = 1.0
-    # The fine split's inter-set distance: the paper's distance of means, or the gap
-    # between the two sets (see cbq.outliers); log_space splits log|x| instead of |x|.
-    distance: SplitDistance = SplitDistance.mean
-    log_space: bool = False
-    # Clamp / scale outliers down to the split threshold (the paper's: the smallest outlier,
-    # so a lone outlier, the usual find, is left as it is) or to the largest reserved
-    # (non-outlier) value, which always truncates.
-    clip_to: ClipTo = ClipTo.threshold
-    # Where weight outliers are detected: over the whole tensor (the paper's; 2 weights of
-    # SmolLM2 in all) or in each quantization group of each row (group: 1.08% of SmolLM2's
-    # weights at g128 with clip_to=reserved). Truncation that acts costs perplexity at
-    # weight-only settings (docs/cbq_components.md), so the paper's rule is the default.
-    weight_scope: WeightScope = WeightScope.tensor
-    # How mode=weight_act treats activations: "outliers" scales the outlier channels found
-    # by the split (Eq. 5, the paper); "migrate" scales every channel by SmoothQuant's
-    # s = max|X|^a / max|W|^(1-a), with a searched per scale group in ``alphas`` (and s = 1)
-    # against the consumers' fake-quantized output MSE, as OS+ does (cbq.cfp).
-    act_rule: ActRule = ActRule.outliers
-    alphas: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
-    # Calibration tokens (sampled, seeded by the run's seed) the alpha search runs on.
-    search_tokens: int = 4096
-
-
-class RoundingKind(StrEnum):
-    nearest = "nearest"
-    adaround = "adaround"
-    lora = "lora"
-
-
-@dataclass
-class RoundingConfig:
-    kind: RoundingKind = RoundingKind.adaround
-    # How the learned variable becomes a rounding offset (cbq.quant.rounding): offset is
-    # AutoRound's bounded additive offset, round(W/s + V) with V in [-0.5, 0.5]; sigmoid is the
-    # paper's floor(W/s) + h(V) (AdaRound, started at h = frac(W/s)) with the regulariser below.
-    form: RoundingForm = RoundingForm.offset
-    rank: int = 5
-    # sigmoid form only: weight of the mean rounding regulariser; beta anneals from beta_start
-    # to beta_end after the first reg_warmup fraction of each window's steps (AdaRound / BRECQ).
-    reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    reg_warmup: float = 0.2
 
 
 class ExportFormat(StrEnum):

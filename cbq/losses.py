@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
@@ -66,3 +67,15 @@ def check_finite(
     if before_raise is not None:
         before_raise()
     raise FloatingPointError(f"{where}: loss is {loss_value}. {advice}")
+
+
+@dataclass
+class LossConfig:
+    kind: LossKind = LossKind.l2_kl
+    # Also match the FP blocks fed with the quantized stream (homologous reconstruction).
+    homologous: bool = True
+    l2_weight: float = 1.0
+    kl_weight: float = 1.0
+    # Divide the L2 term by the target's mean square, so that every window's loss is on the
+    # same scale whatever the magnitude of the residual stream (not in the paper).
+    l2_relative: bool = False

@@ -32,12 +32,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from enum import StrEnum
 
 import torch
 
-Distance = Literal["mean", "gap"]
-DISTANCES: tuple[str, ...] = ("mean", "gap")
+
+class SplitDistance(StrEnum):
+    """The fine split's distance between the two sets: of their means, or their gap."""
+
+    mean = "mean"
+    gap = "gap"
+
 
 # Above this many elements the quartiles come from a fixed random sample (torch.quantile
 # refuses inputs over 16M elements, and exact selection on 50M values takes seconds).
@@ -89,15 +94,16 @@ def coarse_outliers(values: torch.Tensor, lambda1: float = 1.5) -> torch.Tensor:
 def split_metric(
     sorted_values: torch.Tensor,
     lambda2: float = 1.0,
-    distance: Distance = "mean",
+    distance: SplitDistance = SplitDistance.mean,
 ) -> torch.Tensor:
     """M for every split of ascending ``sorted_values`` (n >= 2) into ``[:k]`` and ``[k:]``.
 
     Entry ``k - 1`` is the metric of the split with ``k`` reserved values, k = 1..n-1.
     Cumulative sums make this O(n); float64 and centring keep the variances accurate.
     """
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if distance not in tuple(SplitDistance):
+        allowed = [d.value for d in SplitDistance]
+        raise ValueError(f"distance must be one of {allowed}, got {distance!r}")
     x = sorted_values.detach().double()
     x = x - x.mean()
     n = x.numel()
@@ -117,7 +123,7 @@ def fine_split(
     coarse_values: torch.Tensor,
     lambda2: float = 1.0,
     *,
-    distance: Distance = "mean",
+    distance: SplitDistance = SplitDistance.mean,
     log_space: bool = False,
 ) -> float:
     """The threshold t splitting the coarse set; the fine outliers are ``values >= t``.
@@ -155,7 +161,7 @@ def detect_outliers(
     lambda1: float = 1.5,
     lambda2: float = 1.0,
     *,
-    distance: Distance = "mean",
+    distance: SplitDistance = SplitDistance.mean,
     log_space: bool = False,
 ) -> OutlierResult:
     """Coarse-to-fine detection on ``|values|`` (any shape; the mask has that shape)."""
@@ -215,7 +221,7 @@ def detect_row_outliers(
     lambda1: float = 1.5,
     lambda2: float = 1.0,
     *,
-    distance: Distance = "mean",
+    distance: SplitDistance = SplitDistance.mean,
 ) -> RowOutliers:
     """Coarse-to-fine detection on ``|values|`` of each row of a 2-D tensor, vectorised.
 
@@ -223,8 +229,9 @@ def detect_row_outliers(
     split metric, same tie rules); CFP uses it per quantization group, where a row's
     outlier widens that row's step size.
     """
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if distance not in tuple(SplitDistance):
+        allowed = [d.value for d in SplitDistance]
+        raise ValueError(f"distance must be one of {allowed}, got {distance!r}")
     magnitude = values.detach().abs().double()
     _check_finite(magnitude)
     rows, width = magnitude.shape
@@ -249,7 +256,7 @@ def detect_row_outliers(
 
 
 def _row_split(
-    tail: torch.Tensor, valid: torch.Tensor, lambda2: float, distance: Distance
+    tail: torch.Tensor, valid: torch.Tensor, lambda2: float, distance: SplitDistance
 ) -> torch.Tensor:
     """Per row, the tail position where the fine outliers start (see :func:`fine_split`)."""
     size = tail.shape[1]

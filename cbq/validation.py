@@ -1,7 +1,8 @@
 """Validation of a whole run config: every problem at once, with the field and the allowed
-values, before any model loads. The config dataclasses live in :mod:`cbq.config`; the checks
-that need a package (corpora, zero-shot tasks, each method's own dataclass) call it here, so
-that no import cycle runs through the config module.
+values, before any model loads. The configs of the quantizers, the window, the rounding and
+CFP live in their packages with their own checks (``problems()``); the others are assembled
+in :mod:`cbq.config` and checked here, with the checks that need a package (corpora,
+zero-shot tasks, each method's own dataclass).
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cbq.config import (
-    ACT_GRANULARITIES,
-    ALLOWED_BITS,
-    WEIGHT_GRANULARITIES,
     Config,
     ConfigError,
     DataConfig,
     ExportConfig,
     ExportFormat,
     QuantConfig,
-    WeightScope,
     ZeroShotConfig,
     experiment_problems,
 )
@@ -28,18 +25,17 @@ from cbq.data import validate_corpus_name
 from cbq.eval.zeroshot import unknown_task_problem
 from cbq.export_compressed import ALLOWED, setting_problems
 from cbq.methods import method_problems
-from cbq.quant.quantizer import FULL_PRECISION_BITS, Granularity
 
 
 def validate(cfg: DictConfig | Config) -> Config:
     """Check ``cfg`` completely and return it as a typed object, or raise ConfigError."""
     typed: Config = OmegaConf.to_object(_as_structured(cfg))  # type: ignore[assignment]
     problems = [
-        *_quant_problems(typed.quant),
+        *typed.quant.problems(),
         *_data_problems(typed.data),
         *_method_problems(typed),
     ]
-    problems += _cbq_component_problems(typed)
+    problems += typed.window.problems() + typed.rounding.problems() + typed.cfp.problems()
     problems += experiment_problems(typed.experiment)
     if typed.eval.batch_size < 1:
         problems.append(f"eval.batch_size: {typed.eval.batch_size} must be >= 1")
@@ -55,48 +51,6 @@ def _as_structured(cfg: DictConfig | Config) -> DictConfig:
     if isinstance(cfg, Config):
         return OmegaConf.structured(cfg)
     return OmegaConf.merge(OmegaConf.structured(Config), cfg)  # type: ignore[return-value]
-
-
-def _bits_problem(field_name: str, bits: int) -> list[str]:
-    if bits == FULL_PRECISION_BITS or 2 <= bits <= 8:
-        return []
-    return [f"{field_name}: {bits} is not allowed; allowed: {ALLOWED_BITS}"]
-
-
-def _quant_problems(quant: QuantConfig) -> list[str]:
-    problems = _bits_problem("quant.w_bits", quant.w_bits) + _bits_problem(
-        "quant.a_bits", quant.a_bits
-    )
-    w_gran, a_gran = Granularity(quant.w_granularity), Granularity(quant.a_granularity)
-    if w_gran not in WEIGHT_GRANULARITIES:
-        problems.append(
-            f"quant.w_granularity: {w_gran.value} is not allowed; allowed: "
-            + ", ".join(g.value for g in WEIGHT_GRANULARITIES)
-        )
-    if a_gran not in ACT_GRANULARITIES:
-        problems.append(
-            f"quant.a_granularity: {a_gran.value} is not allowed; allowed: "
-            + ", ".join(g.value for g in ACT_GRANULARITIES)
-        )
-    if w_gran is Granularity.per_group and (quant.w_group_size is None or quant.w_group_size < 1):
-        problems.append(
-            f"quant.w_group_size: {quant.w_group_size} is not allowed with per_group; "
-            "allowed: a positive integer"
-        )
-    if w_gran is not Granularity.per_group and quant.w_group_size is not None:
-        problems.append(
-            f"quant.w_group_size: {quant.w_group_size} needs quant.w_granularity=per_group "
-            f"(got {w_gran.value}); allowed: null"
-        )
-    if (
-        a_gran is Granularity.per_token
-        and not quant.a_dynamic
-        and quant.a_bits < FULL_PRECISION_BITS
-    ):
-        problems.append(
-            "quant.a_dynamic: false is not allowed with per_token activations; allowed: true"
-        )
-    return problems
 
 
 def _data_problems(data: DataConfig) -> list[str]:
@@ -166,46 +120,13 @@ def _compressed_tensors_problems(quant: QuantConfig) -> list[str]:
     widths is checked once the model is loaded: cbq.export.check_exportable)."""
     try:
         weight, act = quant.weight_spec(), quant.act_spec()
-    except ValueError:  # an invalid granularity, reported by _quant_problems
+    except ValueError:  # an invalid granularity, reported by QuantConfig.problems
         return []
     return [
         f"export.format: compressed_tensors cannot express {problem}; allowed: {ALLOWED}; "
         "export=packed keeps this setting"
         for problem in setting_problems(weight, act)
     ]
-
-
-def _cbq_component_problems(cfg: Config) -> list[str]:
-    problems = []
-    if cfg.window.size < 1:
-        problems.append(f"window.size: {cfg.window.size} must be a positive integer")
-    if not 0 <= cfg.window.overlap < max(cfg.window.size, 1):
-        problems.append(
-            f"window.overlap: {cfg.window.overlap} is not allowed; "
-            f"allowed: 0..{cfg.window.size - 1} (less than window.size)"
-        )
-    if cfg.rounding.rank < 1:
-        problems.append(f"rounding.rank: {cfg.rounding.rank} must be a positive integer")
-    if not 0 <= cfg.rounding.reg_warmup < 1:
-        problems.append(
-            f"rounding.reg_warmup: {cfg.rounding.reg_warmup} is not allowed; allowed: [0, 1)"
-        )
-    for name in ("lambda1", "lambda2"):
-        if getattr(cfg.cfp, name) < 0:
-            problems.append(f"cfp.{name}: {getattr(cfg.cfp, name)} must be >= 0")
-    if not cfg.cfp.alphas or not all(0 <= a <= 1 for a in cfg.cfp.alphas):
-        problems.append(
-            f"cfp.alphas: {list(cfg.cfp.alphas)} is not allowed; allowed: a non-empty list "
-            "of values in [0, 1]"
-        )
-    if cfg.cfp.weight_scope is WeightScope.group and cfg.cfp.log_space:
-        problems.append(
-            "cfp.log_space: true is not allowed with cfp.weight_scope=group; allowed: false, "
-            "or cfp.weight_scope=tensor"
-        )
-    if cfg.cfp.search_tokens < 1:
-        problems.append(f"cfp.search_tokens: {cfg.cfp.search_tokens} must be >= 1")
-    return problems
 
 
 def _lazy_problems(cfg: Config) -> list[str]:

@@ -29,22 +29,16 @@ from cbq.cbd import (
     CBDTrainer,
     TrainerKnobs,
     TrainerSettings,
+    WindowConfig,
     refuse_unwanted_resume,
 )
-from cbq.config import (
-    CFPConfig,
-    CFPMode,
-    LossConfig,
-    RoundingConfig,
-    RoundingKind,
-    WindowConfig,
-)
-from cbq.losses import LossKind
+from cbq.cfp import CFPConfig, CFPMode
+from cbq.losses import LossConfig, LossKind
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import ModelAdapter
 from cbq.optim import LRSchedule, OptimizerKind
 from cbq.quant.quantizer import RangeLearning
-from cbq.quant.rounding import RoundingForm
+from cbq.quant.rounding import RoundingConfig, RoundingForm, RoundingKind
 
 
 @dataclass

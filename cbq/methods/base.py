@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from cbq.config import Config, QuantConfig
+from cbq.config import Config
 from cbq.models.adapter import ModelAdapter
 from cbq.pipeline import BlockPipeline, Checkpoint, settings_fingerprint
 from cbq.quant import QuantLinear, wrap_block
+from cbq.quant.quantizer import QuantConfig
 
 
 @dataclass

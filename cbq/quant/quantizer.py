@@ -397,3 +397,78 @@ class ActQuantizer(nn.Module):
         self.zero.data.copy_(zero)
         self.observing = False
         self.calibrated = True
+
+
+@dataclass
+class QuantConfig:
+    name: str = "w4a16"
+    w_bits: int = 4
+    w_symmetric: bool = False
+    w_granularity: Granularity = Granularity.per_channel
+    w_group_size: int | None = None
+    a_bits: int = FULL_PRECISION_BITS
+    a_symmetric: bool = False
+    a_granularity: Granularity = Granularity.per_tensor
+    a_dynamic: bool = False
+
+    def weight_spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.w_bits,
+            symmetric=self.w_symmetric,
+            granularity=Granularity(self.w_granularity),
+            group_size=self.w_group_size,
+        )
+
+    def act_spec(self) -> QuantSpec:
+        return QuantSpec(
+            bits=self.a_bits,
+            symmetric=self.a_symmetric,
+            granularity=Granularity(self.a_granularity),
+            dynamic=self.a_dynamic,
+        )
+
+    def problems(self) -> list[str]:
+        """What is wrong with this setting, each with the field and the allowed values."""
+        problems = _bits_problem("quant.w_bits", self.w_bits)
+        problems += _bits_problem("quant.a_bits", self.a_bits)
+        w_gran, a_gran = Granularity(self.w_granularity), Granularity(self.a_granularity)
+        if w_gran not in WEIGHT_GRANULARITIES:
+            problems.append(
+                f"quant.w_granularity: {w_gran.value} is not allowed; allowed: "
+                + ", ".join(g.value for g in WEIGHT_GRANULARITIES)
+            )
+        if a_gran not in ACT_GRANULARITIES:
+            problems.append(
+                f"quant.a_granularity: {a_gran.value} is not allowed; allowed: "
+                + ", ".join(g.value for g in ACT_GRANULARITIES)
+            )
+        if w_gran is Granularity.per_group and (self.w_group_size is None or self.w_group_size < 1):
+            problems.append(
+                f"quant.w_group_size: {self.w_group_size} is not allowed with per_group; "
+                "allowed: a positive integer"
+            )
+        if w_gran is not Granularity.per_group and self.w_group_size is not None:
+            problems.append(
+                f"quant.w_group_size: {self.w_group_size} needs quant.w_granularity=per_group "
+                f"(got {w_gran.value}); allowed: null"
+            )
+        if (
+            a_gran is Granularity.per_token
+            and not self.a_dynamic
+            and self.a_bits < FULL_PRECISION_BITS
+        ):
+            problems.append(
+                "quant.a_dynamic: false is not allowed with per_token activations; allowed: true"
+            )
+        return problems
+
+
+WEIGHT_GRANULARITIES = (Granularity.per_tensor, Granularity.per_channel, Granularity.per_group)
+ACT_GRANULARITIES = (Granularity.per_tensor, Granularity.per_token)
+ALLOWED_BITS = "2..8, or 16 for full precision"
+
+
+def _bits_problem(field_name: str, bits: int) -> list[str]:
+    if bits == FULL_PRECISION_BITS or 2 <= bits <= 8:
+        return []
+    return [f"{field_name}: {bits} is not allowed; allowed: {ALLOWED_BITS}"]

@@ -21,6 +21,7 @@ window's ~100 steps (1-2 of 73,728 weights moved). The docs compare the two form
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
@@ -142,3 +143,35 @@ class LoRARounding(LearnedRounding):
 
 def learnable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class RoundingKind(StrEnum):
+    nearest = "nearest"
+    adaround = "adaround"
+    lora = "lora"
+
+
+@dataclass
+class RoundingConfig:
+    kind: RoundingKind = RoundingKind.adaround
+    # How the learned variable becomes a rounding offset (cbq.quant.rounding): offset is
+    # AutoRound's bounded additive offset, round(W/s + V) with V in [-0.5, 0.5]; sigmoid is the
+    # paper's floor(W/s) + h(V) (AdaRound, started at h = frac(W/s)) with the regulariser below.
+    form: RoundingForm = RoundingForm.offset
+    rank: int = 5
+    # sigmoid form only: weight of the mean rounding regulariser; beta anneals from beta_start
+    # to beta_end after the first reg_warmup fraction of each window's steps (AdaRound / BRECQ).
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    reg_warmup: float = 0.2
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"rounding.rank: {self.rank} must be a positive integer")
+        if not 0 <= self.reg_warmup < 1:
+            problems.append(
+                f"rounding.reg_warmup: {self.reg_warmup} is not allowed; allowed: [0, 1)"
+            )
+        return problems

@@ -11,8 +11,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from cbq.config import CFPConfig, LossConfig, RoundingConfig, WindowConfig
+from cbq.cbd import WindowConfig
+from cbq.cfp import CFPConfig
+from cbq.losses import LossConfig
 from cbq.methods import METHODS
+from cbq.quant.rounding import RoundingConfig
 from cbq.results import RESULTS_FILE, ResultRecord
 
 Record = ResultRecord
