@@ -1,4 +1,6 @@
-"""Structured configs: types and defaults.
+"""The run's structured config, assembled from the configs each package owns (the model's,
+the data's, the quantizer's, the evaluation's...): their types, defaults and checks live
+beside the code they configure, and are importable from here.
 
 Hydra composes ``conf/`` on top of :class:`Config`, so OmegaConf already rejects wrong
 types and enum values with the field's full key. :func:`cbq.validation.validate` adds the
@@ -18,9 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from cbq.cbd import WindowConfig
 from cbq.cfp import ActRule, CFPConfig, CFPMode, ClipTo, SplitDistance, WeightScope
+from cbq.data.calibration import DataConfig
+from cbq.eval import EvalConfig, EvalDType, OnMissing, ZeroShotConfig
+from cbq.export import ExportConfig, ExportFormat
 from cbq.losses import LossConfig, LossKind
+from cbq.models.loader import ModelConfig
 from cbq.quant.quantizer import Granularity, QuantConfig
 from cbq.quant.rounding import RoundingConfig, RoundingForm, RoundingKind
+from cbq.tracking import LoggerConfig, LoggerMode
 
 # The configs of the packages, assembled into Config below (and importable from here).
 __all__ = [
@@ -30,9 +37,18 @@ __all__ = [
     "ClipTo",
     "Config",
     "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "EvalDType",
+    "ExportConfig",
+    "ExportFormat",
     "Granularity",
+    "LoggerConfig",
+    "LoggerMode",
     "LossConfig",
     "LossKind",
+    "ModelConfig",
+    "OnMissing",
     "QuantConfig",
     "RoundingConfig",
     "RoundingForm",
@@ -40,6 +56,7 @@ __all__ = [
     "SplitDistance",
     "WeightScope",
     "WindowConfig",
+    "ZeroShotConfig",
 ]
 
 
@@ -55,88 +72,6 @@ class DType(StrEnum):
     float16 = "float16"
 
 
-class LoggerMode(StrEnum):
-    offline = "offline"
-    online = "online"
-    disabled = "disabled"
-
-
-@dataclass
-class ModelConfig:
-    # A packaged model (smollm2-135m, gemma3-270m) when ``path`` is null; otherwise a label.
-    name: str = "smollm2-135m"
-    # A hub id or a local directory; overrides the packaged model.
-    path: str | None = None
-    cache_dir: str = "${oc.env:CBQ_CACHE,'~/.cache/cbq'}"
-    # Build the model without weights and read each block's weights from the safetensors
-    # checkpoint when the method reaches it; committed blocks go to <run dir>/offload and
-    # evaluation walks them the same way. For models larger than RAM.
-    lazy: bool = False
-
-
-@dataclass
-class DataConfig:
-    calib: str = "wiki-sample"
-    eval: list[str] = field(default_factory=lambda: ["wiki-sample"])
-    n_samples: int = 128
-    seqlen: int = 2048
-    # Seed of the calibration sampler (the split of packaged corpora never changes).
-    seed: int = "${seed}"  # type: ignore[assignment]
-    # Perplexity window length; null means ``seqlen``.
-    eval_seqlen: int | None = None
-    # Evaluate on the first N windows only (quick CPU runs); null means all.
-    max_eval_windows: int | None = None
-
-
-class OnMissing(StrEnum):
-    fail = "fail"
-    skip = "skip"
-
-
-@dataclass
-class ZeroShotConfig:
-    """Zero-shot evaluation through lm-eval on the in-memory (quantized) model."""
-
-    # lm-eval task names: the offline tasks generated from the packaged text
-    # (cbq.eval.offline_tasks) or the paper's tasks, which need the hub (cbq.eval.zeroshot).
-    tasks: list[str] = field(default_factory=list)
-    # Evaluate only the first N examples of each task; null means all.
-    limit: int | None = None
-    batch_size: int = 1
-    # A task whose data cannot be loaded (hub unreachable, not cached): stop the run before
-    # the model loads (fail), or record it as skipped and evaluate the others (skip).
-    on_missing: OnMissing = OnMissing.fail
-    # Examples per generated offline task (fewer when the corpus has fewer).
-    n_examples: int = 200
-    # Seed of the generated tasks' data and of lm-eval; fixed rather than the run seed, so
-    # every run is scored on the same examples.
-    seed: int = 0
-
-
-class EvalDType(StrEnum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-
-
-@dataclass
-class EvalConfig:
-    ppl: bool = True
-    batch_size: int = 1
-    # bfloat16: perplexity under bf16 autocast (faster where bf16 matmuls are, as on AMX CPUs;
-    # its difference from float32 is measured in docs/benchmarks.md). The tables use float32.
-    dtype: EvalDType = EvalDType.float32
-    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
-
-
-@dataclass
-class LoggerConfig:
-    mode: LoggerMode = LoggerMode.offline
-    project: str = "cbq"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
 @dataclass
 class ExperimentConfig:
     """A paper table run as one multirun (``+experiment=table4_window``); empty for plain runs.
@@ -149,26 +84,6 @@ class ExperimentConfig:
     table: int | None = None
     scale: str = "cpu"
     scales: dict[str, dict[str, str]] = field(default_factory=dict)
-
-
-class ExportFormat(StrEnum):
-    none = "none"
-    dequantized = "dequantized"
-    packed = "packed"
-    compressed_tensors = "compressed_tensors"
-
-
-@dataclass
-class ExportConfig:
-    """Save the quantized model after the quantize phase (cbq.export)."""
-
-    # dequantized: a plain HF checkpoint holding the quantized weights as floats;
-    # packed: bit-packed integer codes + scales, reloaded by cbq.export.load_packed;
-    # compressed_tensors: the compressed-tensors checkpoint (vLLM, transformers), for the
-    # settings it can express (cbq.export_compressed).
-    format: ExportFormat = ExportFormat.none
-    # Target directory; null means <run dir>/quantized.
-    dir: str | None = None
 
 
 @dataclass

@@ -40,6 +40,7 @@ import shutil
 from collections.abc import Container, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,6 @@ from transformers import (
 )
 
 import cbq
-from cbq.config import ExportFormat
 from cbq.export_compressed import ALLOWED, UnsupportedSetting, setting_problems, shape_problems
 from cbq.models import ModelAdapter
 from cbq.models.registry import attn_implementation_for
@@ -63,6 +63,40 @@ from cbq.quant import ActQuantizer, Granularity, QuantLinear, QuantSpec, quant_l
 from cbq.quant.packing import OffGridError, dequantize, pack_bits, unpack_bits, weight_codes
 
 log = logging.getLogger(__name__)
+
+
+class ExportFormat(StrEnum):
+    none = "none"
+    dequantized = "dequantized"
+    packed = "packed"
+    compressed_tensors = "compressed_tensors"
+
+
+@dataclass
+class ExportConfig:
+    """Save the quantized model after the quantize phase (cbq.export)."""
+
+    # dequantized: a plain HF checkpoint holding the quantized weights as floats;
+    # packed: bit-packed integer codes + scales, reloaded by cbq.export.load_packed;
+    # compressed_tensors: the compressed-tensors checkpoint (vLLM, transformers), for the
+    # settings it can express (cbq.export_compressed).
+    format: ExportFormat = ExportFormat.none
+    # Target directory; null means <run dir>/quantized.
+    dir: str | None = None
+
+    def problems(self) -> list[str]:
+        if self.dir is None:
+            return []
+        if not self.dir.strip():
+            return ["export.dir: '' is not allowed; allowed: null (<run dir>/quantized) or a path"]
+        if self.format is ExportFormat.none:
+            return [
+                f"export.dir: {self.dir} needs an export format (got export.format=none); "
+                "allowed: export=dequantized, export=packed or export=compressed_tensors, "
+                "or export.dir=null"
+            ]
+        return []
+
 
 META_FILE = "cbq_quantization.json"
 PACKED_FILE = "cbq_packed.safetensors"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cbq.blockwise import context_for, embed_batches, run_block
+from cbq.files import atomic_write
 from cbq.models.adapter import BlockContext, ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,7 @@ def cpu_state(module: nn.Module) -> dict[str, Any]:
 
 
 def atomic_save(payload: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import platform
 import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +32,8 @@ from typing import Any
 
 import psutil
 import torch
+
+from cbq.files import atomic_write
 
 RESULTS_FILE = "results.json"
 TRACKED_PACKAGES = ("cbq", "torch", "transformers", "lm-eval", "hydra-core", "datasets", "wandb")
@@ -114,12 +114,8 @@ def utc_stamp(timestamp: float | None = None) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2, sort_keys=False, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    text = json.dumps(payload, indent=2, sort_keys=False, default=str)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def package_versions() -> dict[str, str | None]:

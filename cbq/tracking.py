@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from cbq.config import LoggerConfig, LoggerMode
-
 log = logging.getLogger(__name__)
+
+
+class LoggerMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class LoggerConfig:
+    mode: LoggerMode = LoggerMode.offline
+    project: str = "cbq"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 class Tracker:

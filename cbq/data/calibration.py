@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +45,40 @@ _C4_MAX_DRAWS = 1000  # documents tried per window before giving up (only tiny f
 
 _STREAMS: dict[tuple[Any, ...], torch.Tensor] = {}
 _WATCHED: set[int] = set()
+
+
+@dataclass
+class DataConfig:
+    calib: str = "wiki-sample"
+    eval: list[str] = field(default_factory=lambda: ["wiki-sample"])
+    n_samples: int = 128
+    seqlen: int = 2048
+    # Seed of the calibration sampler (the split of packaged corpora never changes).
+    seed: int = "${seed}"  # type: ignore[assignment]
+    # Perplexity window length; null means ``seqlen``.
+    eval_seqlen: int | None = None
+    # Evaluate on the first N windows only (quick CPU runs); null means all.
+    max_eval_windows: int | None = None
+
+    def problems(self) -> list[str]:
+        problems = []
+        names = [("data.calib", self.calib)]
+        names += [(f"data.eval[{i}]", name) for i, name in enumerate(self.eval)]
+        for field_name, name in names:
+            try:
+                validate_corpus_name(name, field=field_name)
+            except ValueError as error:
+                problems.append(str(error))
+        for field_name, value in [("data.n_samples", self.n_samples), ("data.seqlen", self.seqlen)]:
+            if value < 1:
+                problems.append(f"{field_name}: {value} must be a positive integer")
+        for field_name, value in [
+            ("data.eval_seqlen", self.eval_seqlen),
+            ("data.max_eval_windows", self.max_eval_windows),
+        ]:
+            if value is not None and value < 1:
+                problems.append(f"{field_name}: {value} must be a positive integer or null")
+        return problems
 
 
 def calibration_batch(

@@ -26,10 +26,10 @@ import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cbq.config import OnMissing, ZeroShotConfig
 from cbq.data.corpora import HubUnavailableError, hub_reachable
 from cbq.eval.offline_tasks import (
     LAMBADA_CHANCE,
@@ -71,6 +71,50 @@ def unknown_task_problem(name: str, field_name: str) -> str | None:
         f"{field_name}: unknown task {name!r}; allowed: offline: {', '.join(OFFLINE_TASKS)}; "
         f"paper (need the hub or the local HF datasets cache): {', '.join(PAPER_TASKS)}"
     )
+
+
+class OnMissing(StrEnum):
+    fail = "fail"
+    skip = "skip"
+
+
+@dataclass
+class ZeroShotConfig:
+    """Zero-shot evaluation through lm-eval on the in-memory (quantized) model."""
+
+    # lm-eval task names: the offline tasks generated from the packaged text
+    # (cbq.eval.offline_tasks) or the paper's tasks, which need the hub (cbq.eval.zeroshot).
+    tasks: list[str] = field(default_factory=list)
+    # Evaluate only the first N examples of each task; null means all.
+    limit: int | None = None
+    batch_size: int = 1
+    # A task whose data cannot be loaded (hub unreachable, not cached): stop the run before
+    # the model loads (fail), or record it as skipped and evaluate the others (skip).
+    on_missing: OnMissing = OnMissing.fail
+    # Examples per generated offline task (fewer when the corpus has fewer).
+    n_examples: int = 200
+    # Seed of the generated tasks' data and of lm-eval; fixed rather than the run seed, so
+    # every run is scored on the same examples.
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        problems = [
+            problem
+            for i, name in enumerate(self.tasks)
+            if (problem := unknown_task_problem(name, f"eval.zeroshot.tasks[{i}]"))
+        ]
+        duplicates = sorted({name for name in self.tasks if self.tasks.count(name) > 1})
+        if duplicates:
+            problems.append(f"eval.zeroshot.tasks: {', '.join(duplicates)} listed more than once")
+        for field_name, value in [
+            ("eval.zeroshot.batch_size", self.batch_size),
+            ("eval.zeroshot.n_examples", self.n_examples),
+        ]:
+            if value < 1:
+                problems.append(f"{field_name}: {value} must be a positive integer")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"eval.zeroshot.limit: {self.limit} must be a positive integer or null")
+        return problems
 
 
 # ---------------------------------------------------------------------------------------

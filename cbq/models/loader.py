@@ -40,6 +40,19 @@ HUB_PROBE_TIMEOUT_S = 3.0
 _SOURCE_FILE = "cbq_source.json"
 
 
+@dataclass
+class ModelConfig:
+    # A packaged model (smollm2-135m, gemma3-270m) when ``path`` is null; otherwise a label.
+    name: str = "smollm2-135m"
+    # A hub id or a local directory; overrides the packaged model.
+    path: str | None = None
+    cache_dir: str = "${oc.env:CBQ_CACHE,'~/.cache/cbq'}"
+    # Build the model without weights and read each block's weights from the safetensors
+    # checkpoint when the method reaches it; committed blocks go to <run dir>/offload and
+    # evaluation walks them the same way. For models larger than RAM.
+    lazy: bool = False
+
+
 @dataclass(frozen=True)
 class PackagedModel:
     name: str

@@ -25,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from cbq.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
@@ -84,13 +86,9 @@ class LazyBlocks(ResidentBlocks):
     def release(self, index: int) -> None:
         if index not in self.resident:
             raise RuntimeError(f"block {index} is not resident; acquire it before releasing it")
-        self.offload_dir.mkdir(parents=True, exist_ok=True)
         block = self.blocks[index]
         tensors = {name: t.detach().cpu().contiguous().clone() for name, t in block_tensors(block)}
-        path = self._offload_path(index)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
+        atomic_write(self._offload_path(index), lambda tmp: save_file(tensors, str(tmp)))
         self.released.add(index)
         self.evict(index)
 
