@@ -126,15 +126,15 @@ def write_synthetic(directory: Path, depth: int, width: Width, seed: int = 0) ->
 
 
 class MemoryLimit:
-    """A cgroup with a memory limit that a subprocess joins before it starts."""
+    """A cgroup with a memory limit that a subprocess joins before it starts. One per run: a
+    cgroup keeps the page cache its last run left charged to it, and its OOM count."""
 
-    def __init__(self, limit_bytes: int):
+    def __init__(self, limit_bytes: int, tag: str):
         self.limit = limit_bytes
-        self.path = self._create()
+        self.path = self._create(f"cbq-lazy-{os.getpid()}-{tag}")
 
-    def _create(self) -> Path | None:
+    def _create(self, name: str) -> Path | None:
         """cgroup v1's memory controller, else v2's; None where neither is writable."""
-        name = f"cbq-lazy-{os.getpid()}"
         if Path("/sys/fs/cgroup/memory").is_dir():
             path, limits = Path("/sys/fs/cgroup/memory", name), ["memory.limit_in_bytes"]
             limits.append("memory.memsw.limit_in_bytes")  # no escaping to swap either
@@ -185,6 +185,7 @@ def run_cbq(
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env["PYTHONUNBUFFERED"] = "1"  # a run killed for memory still leaves its log
     start = time.perf_counter()
     log = run_dir.with_suffix(".log")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +211,26 @@ def run_cbq(
     }
 
 
+def run_job(
+    workdir: Path, model_dir: Path, depth: int, method: str, lazy: bool, limit_gib: float
+) -> dict:
+    """One run; a lazy one in a fresh cgroup limited to ``limit_gib``."""
+    tag = f"d{depth}-{method}-{'lazy' if lazy else 'eager'}"
+    run_dir = workdir / "runs" / tag
+    shutil.rmtree(run_dir, ignore_errors=True)
+    limit = MemoryLimit(int(limit_gib * GIB), tag) if lazy else None
+    if limit is not None and limit.path is None:
+        print("memory limit NOT ENFORCED: no writable cgroup", file=sys.stderr)
+    try:
+        result = run_cbq(model_dir, run_dir, method, lazy, limit)
+        if limit is not None and result["status"] != "finished" and limit.oom_killed():
+            result["status"] = "killed: over the memory limit"
+    finally:
+        if limit is not None:
+            limit.remove()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32])
@@ -231,41 +252,20 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=Width.heads)
     args = parser.parse_args()
     width = Width(args.hidden, args.intermediate, args.heads)
-    limit = MemoryLimit(int(args.limit_gib * GIB))
-    print(
-        f"memory limit: {args.limit_gib} GiB ({limit.path or 'NOT ENFORCED: no writable cgroup'})"
-    )
     rows = []
-    try:
-        for depth in sorted(args.depths):
-            model_dir = args.workdir / f"synthetic-d{depth}"
-            params = write_synthetic(model_dir, depth, width)
-            jobs = [
-                (m, True)
-                for m in args.methods
-                if depth == max(args.depths) or m not in args.deepest_only
-            ]
-            jobs += [("rtn", False)] if depth in args.eager_depths else []
-            for method, lazy in jobs:
-                run_dir = args.workdir / "runs" / f"d{depth}-{method}-{'lazy' if lazy else 'eager'}"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                result = run_cbq(model_dir, run_dir, method, lazy, limit if lazy else None)
-                if (
-                    lazy
-                    and limit.path is not None
-                    and result["status"] != "finished"
-                    and limit.oom_killed()
-                ):
-                    result["status"] = "killed: over the memory limit"
-                rows.append((depth, params, method, lazy, result))
-                print(
-                    json.dumps({"depth": depth, "method": method, "lazy": lazy, **result}),
-                    flush=True,
-                )
-            if not args.keep_models:
-                shutil.rmtree(model_dir)
-    finally:
-        limit.remove()
+    for depth in sorted(args.depths):
+        model_dir = args.workdir / f"synthetic-d{depth}"
+        params = write_synthetic(model_dir, depth, width)
+        deepest = depth == max(args.depths)
+        jobs = [(m, True) for m in args.methods if deepest or m not in args.deepest_only]
+        jobs += [("rtn", False)] if depth in args.eager_depths else []
+        for method, lazy in jobs:
+            result = run_job(args.workdir, model_dir, depth, method, lazy, args.limit_gib)
+            rows.append((depth, params, method, lazy, result))
+            row = {"depth": depth, "method": method, "lazy": lazy, **result}
+            print(json.dumps(row), flush=True)
+        if not args.keep_models:
+            shutil.rmtree(model_dir)
     print(f"\nwidth: hidden {width.hidden}, MLP {width.intermediate}; lazy runs limited to")
     print(f"{args.limit_gib} GiB\n")
     header = ["blocks", "params", "fp32 weights (GiB)", "method", "load", "status"]

@@ -126,22 +126,35 @@ def export_model(
     *,
     method: str,
     setting: str | None = None,
+    adapter: ModelAdapter | None = None,
 ) -> ExportResult:
     """Write ``model`` (with its ``QuantLinear`` modules) to ``directory`` in format ``fmt``.
 
     ``directory`` is replaced atomically; it must not exist, be empty or hold an earlier
-    export. A model without ``QuantLinear`` modules (``method=fp``) is exported as it is."""
+    export. A model without ``QuantLinear`` modules (``method=fp``) is exported as it is.
+    A lazily loaded model (``adapter.residency.lazy``) is written one block at a time, each
+    block read back from the run's offload folder and freed once written: a sharded
+    checkpoint, one shard per block."""
     fmt = ExportFormat(fmt)
     if fmt is ExportFormat.none:
         raise ValueError("export format 'none' writes nothing")
     target = Path(directory)
+    lazy = adapter is not None and adapter.residency.lazy
+    if lazy and fmt is ExportFormat.compressed_tensors:
+        raise ValueError(
+            "export.format=compressed_tensors is not written block by block; a lazy model "
+            "exports as dequantized or packed"
+        )
     meta = describe(model, fmt, method, setting)
     _warn_about(meta, fmt)
     qlinears = dict(quant_linears(model))
     if fmt is ExportFormat.compressed_tensors:
         _refuse_unsupported(qlinears)
     with _staging(target) as staging:
-        if fmt is ExportFormat.dequantized or (
+        if lazy:
+            assert adapter is not None
+            _write_by_block(model, adapter, staging, fmt, meta)
+        elif fmt is ExportFormat.dequantized or (
             fmt is ExportFormat.compressed_tensors and not _quantizes_weights(qlinears)
         ):
             model.save_pretrained(staging, state_dict=plain_state(model))
@@ -195,15 +208,21 @@ def describe(
         "loading": LOADING[fmt],
         "weights": _spec_dict(weight_spec),
         "activations": _spec_dict(act_spec),
-        "static_activation_scales": {
-            name: {"scale": q.act_quantizer.scale.item(), "zero": q.act_quantizer.zero.item()}
-            for name, q in qlinears.items()
-            if q.act_quantizer.needs_calibration
-        },
+        "static_activation_scales": static_scales(qlinears),
         "packing": "little-endian bit stream per tensor, ceil(n*bits/8) bytes (cbq.quant.packing)"
         if fmt is ExportFormat.packed
         else None,
         "quantized_linears": list(qlinears),
+    }
+
+
+def static_scales(qlinears: Mapping[str, QuantLinear]) -> dict[str, dict[str, float]]:
+    """The calibrated static activation scales by linear (a lazy model's blocks on disk
+    have none in memory: :func:`_write_by_block` adds theirs)."""
+    return {
+        name: {"scale": q.act_quantizer.scale.item(), "zero": q.act_quantizer.zero.item()}
+        for name, q in qlinears.items()
+        if q.act_quantizer.needs_calibration and not q.act_quantizer.scale.is_meta
     }
 
 
@@ -350,18 +369,86 @@ def _owner(key: str, qlinears: Container[str]) -> tuple[str | None, str]:
 
 def _write_packed(model: nn.Module, path: Path) -> dict[str, str]:
     """Write the packed tensors; return the tied keys stored once (``{alias: stored}``)."""
-    qlinears = dict(quant_linears(model))
-    tensors, tied = _untied(
-        {key: t for key, t in model.state_dict().items() if _owner(key, qlinears)[0] is None}
-    )
+    tensors, tied = _untied(_packed_tensors(model))
+    _save(tensors, path, {"cbq": "packed"})
+    return tied
+
+
+def _packed_tensors(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The packed format's tensors of ``module``, their keys under ``prefix``."""
+    qlinears = dict(quant_linears(module))
+    tensors = {
+        prefix + key: t
+        for key, t in module.state_dict().items()
+        if _owner(key, qlinears)[0] is None
+    }
     for name, qlinear in qlinears.items():
-        tensors.update(_packed_linear(name, qlinear))
+        tensors.update(_packed_linear(prefix + name, qlinear))
+    return tensors
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     save_file(
         {key: t.detach().cpu().contiguous() for key, t in tensors.items()},
         str(path),
-        metadata={"format": "pt", "cbq": "packed"},
+        metadata={"format": "pt", **metadata},
     )
-    return tied
+
+
+def _write_by_block(
+    model: PreTrainedModel,
+    adapter: ModelAdapter,
+    staging: Path,
+    fmt: ExportFormat,
+    meta: dict[str, Any],
+) -> None:
+    """A lazy model's export, one shard per block: each block is read from the offload
+    folder, written, and freed. The tensors outside the blocks (embeddings, final norm, LM
+    head) go to the first shard. ``meta`` gains the blocks' static activation scales."""
+    residency = adapter.residency
+    prefixes = [prefix + "." for prefix in residency.prefixes]
+    shards = _shard_names(fmt, len(prefixes))
+    packed = fmt is ExportFormat.packed
+    outside_linears = [n for n, _ in quant_linears(model) if not n.startswith(tuple(prefixes))]
+    if outside_linears:
+        raise ValueError(f"quantized linears outside the blocks: {outside_linears}")
+    outside, tied = _untied(
+        {k: t for k, t in model.state_dict().items() if not k.startswith(tuple(prefixes))}
+    )
+    if packed:
+        meta["tied"] = tied
+    _save(outside, staging / shards[0], {"cbq": fmt.value})
+    weight_map = dict.fromkeys(outside, shards[0])
+    for index, (prefix, block) in enumerate(zip(prefixes, adapter.blocks(), strict=True)):
+        residency.acquire(index)
+        try:
+            if packed:
+                tensors = _packed_tensors(block, prefix)
+            else:
+                tensors = {prefix + key: t for key, t in plain_state(block).items()}
+            _save(tensors, staging / shards[index + 1], {"cbq": fmt.value})
+            qlinears = {prefix + name: q for name, q in quant_linears(block)}
+            meta["static_activation_scales"].update(static_scales(qlinears))
+        finally:
+            residency.evict(index)
+        weight_map.update(dict.fromkeys(tensors, shards[index + 1]))
+    if packed:
+        meta["shards"] = shards
+    else:
+        index_file = {"metadata": {"format": "pt"}, "weight_map": weight_map}
+        (staging / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
+    model.config.save_pretrained(staging)
+    if model.can_generate():
+        model.generation_config.save_pretrained(staging)
+
+
+def _shard_names(fmt: ExportFormat, n_blocks: int) -> list[str]:
+    """The outside shard, then one shard per block."""
+    total = n_blocks + 1
+    if fmt is ExportFormat.packed:
+        stem = PACKED_FILE.removesuffix(".safetensors")
+        return [PACKED_FILE] + [f"{stem}-block{i:05d}.safetensors" for i in range(n_blocks)]
+    return [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
 
 
 def _untied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -370,6 +457,8 @@ def _untied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     seen: dict[tuple, str] = {}
     for key, tensor in state.items():
         identity = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+        if tensor.is_meta:  # a lazy model's block on disk: no storage to share
+            identity = (key,)
         if identity in seen:
             tied[key] = seen[identity]
         else:
@@ -419,7 +508,9 @@ def load_packed(directory: str | Path, device: str = "cpu") -> tuple[PreTrainedM
     names = meta["quantized_linears"]
     if names:
         wrap_block(model, names, _spec_from(meta["weights"]), _spec_from(meta["activations"]))
-    tensors = load_file(str(directory / PACKED_FILE))
+    tensors = {}
+    for shard in meta.get("shards", [PACKED_FILE]):
+        tensors.update(load_file(str(directory / shard)))
     for name in names:
         _load_linear(name, model.get_submodule(name), tensors)
     _load_plain(model, tensors, meta["tied"], names)

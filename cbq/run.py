@@ -150,7 +150,7 @@ def _execute(
     if not cfg.model.lazy:
         model.to(device)  # methods may leave committed blocks offloaded to the CPU
     if cfg.export.format is not ExportFormat.none:
-        _export(cfg, model, tokenizer, run_dir, record)
+        _export(cfg, model, tokenizer, adapter, run_dir, record)
     if cfg.eval.ppl:
         with record.phase("eval_ppl"):
             for corpus in cfg.data.eval:
@@ -204,7 +204,7 @@ def _load(
     return model, tokenizer, adapter
 
 
-def _export(cfg: Config, model, tokenizer, run_dir: Path, record: RunRecord) -> None:
+def _export(cfg: Config, model, tokenizer, adapter, run_dir: Path, record: RunRecord) -> None:
     """Save the quantized model (``method=fp`` exports the FP model as it is)."""
     target = Path(cfg.export.dir).expanduser() if cfg.export.dir else run_dir / "quantized"
     method = cfg.method["name"]
@@ -216,6 +216,7 @@ def _export(cfg: Config, model, tokenizer, run_dir: Path, record: RunRecord) -> 
             cfg.export.format,
             method=method,
             setting=None if method == "fp" else cfg.quant.name,
+            adapter=adapter,
         )
     record.add_stats(
         {

@@ -4,13 +4,17 @@ perplexity must equal an eager load's, and at most one window of blocks may be i
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from cbq.config import Config, ConfigError, QuantConfig
+from cbq.config import Config, ConfigError, ExportFormat, QuantConfig
+from cbq.data import evaluation_windows
 from cbq.eval import perplexity
+from cbq.export import META_FILE, export_model, load_packed
 from cbq.methods import METHODS as REGISTERED
 from cbq.methods import RunContext, build_method
 from cbq.models import adapter_for, tiny_model, tiny_tokenizer
@@ -154,13 +158,26 @@ def test_resident_blocks_do_not_grow_with_depth(tmp_path):
     assert most == {2: 2, 6: 2}
 
 
-def test_lazy_run_end_to_end(tiny_run, tmp_path):
+def test_lazy_run_end_to_end(tiny_run, tiny_corpus, tmp_path):
     eager, _ = tiny_run("llama", "method=gptq", "quant=w3a16g128", run_dir=tmp_path / "eager")
     lazy, record = tiny_run(
-        "llama", "method=gptq", "quant=w3a16g128", "model.lazy=true", run_dir=tmp_path / "lazy"
+        "llama",
+        "method=gptq",
+        "quant=w3a16g128",
+        "model.lazy=true",
+        "export=packed",
+        run_dir=tmp_path / "lazy",
     )
     assert lazy == pytest.approx(eager, rel=1e-5)
     assert record["config"]["model"]["lazy"] is True
+    exported = tmp_path / "lazy" / "quantized"  # streamed out block by block
+    assert len(json.loads((exported / META_FILE).read_text())["shards"]) == 3  # 2 blocks + rest
+    reloaded, tokenizer = load_packed(exported)
+    windows = evaluation_windows(
+        str(tiny_corpus), tokenizer, seqlen=32, calibrating_on_same=True, max_windows=8
+    )
+    name = f"ppl/{tiny_corpus.stem}"
+    assert perplexity(adapter_for(reloaded), windows, device=CPU) == pytest.approx(lazy[name])
     assert sorted(p.name for p in (tmp_path / "lazy" / "offload").iterdir())[:2] == [
         "block_0.safetensors",
         "block_1.safetensors",
@@ -173,10 +190,47 @@ def test_every_method_is_checked_lazily():
 
 
 def test_lazy_refuses_what_needs_the_whole_model(compose_cfg):
-    overrides = ["model.path=org/hub-id", "model.lazy=true", "export=dequantized"]
+    overrides = ["model.path=org/hub-id", "model.lazy=true", "export=compressed_tensors"]
     cfg = compose_cfg([*overrides, "zeroshot=offline"])
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     message = str(error.value)
     assert "model.path 'org/hub-id' is not a local directory" in message
-    assert "export=dequantized" in message and "zeroshot=none" in message
+    assert "export=compressed_tensors is not written block by block" in message
+    assert "export=dequantized, export=packed" in message and "zeroshot=none" in message
+
+
+@pytest.mark.parametrize(
+    ("method", "fmt"), [("gptq", ExportFormat.dequantized), ("rtn-static", ExportFormat.packed)]
+)
+def test_lazy_export_is_written_block_by_block_and_equals_the_eager_one(
+    saved_tiny_model, tmp_path, method, fmt
+):
+    directory = saved_tiny_model("llama")
+    lazy = lazy_adapter(directory, tmp_path / "lazy" / "offload")
+    eager = eager_adapter(directory)
+    quantize(lazy, method, tmp_path / "lazy")
+    quantize(eager, method, tmp_path / "eager")
+    lazy.residency.most_resident = 0
+    tokenizer = tiny_tokenizer()
+    for adapter, name in [(lazy, "lazy"), (eager, "eager")]:
+        export_model(
+            adapter.model, tokenizer, tmp_path / name / "out", fmt, method=method, adapter=adapter
+        )
+    assert lazy.residency.most_resident == 1 and not lazy.residency.resident
+    n_blocks = len(eager.blocks())
+    shards = sorted(p.name for p in (tmp_path / "lazy" / "out").glob("*.safetensors"))
+    assert len(shards) == n_blocks + 1  # the embeddings and head, then one shard per block
+    meta = {
+        n: json.loads((tmp_path / n / "out" / META_FILE).read_text()) for n in ("lazy", "eager")
+    }
+    assert meta["lazy"]["static_activation_scales"] == meta["eager"]["static_activation_scales"]
+    if fmt is ExportFormat.packed:
+        assert len(meta["lazy"]["static_activation_scales"]) == 7 * n_blocks
+        got, _ = load_packed(tmp_path / "lazy" / "out")
+        want, _ = load_packed(tmp_path / "eager" / "out")
+    else:
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "lazy" / "out")
+        want = AutoModelForCausalLM.from_pretrained(tmp_path / "eager" / "out")
+    ids = tokens(2, seed=5)
+    torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=0, atol=1e-5)
