@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cbq import cfp
-from cbq.blockwise import embed_batches
+from cbq.blockwise import embed_batches, run_block
 from cbq.cfp import ActRule, CFPConfig, CFPMode, WeightScope
 from cbq.losses import LossConfig, check_finite, reconstruction_terms
 from cbq.models.adapter import ModelAdapter
@@ -653,13 +653,9 @@ class CBDTrainer:
         original = blocks[index]
         blocks[index] = block
         try:
-            outputs = [
-                self.adapter.forward_block(index, chunk.to(self.device), self.ctx).to(hidden.device)
-                for chunk in hidden.split(self.s.knobs.forward_batch)
-            ]
+            return run_block(self.adapter, index, hidden, self.ctx, self.s.knobs.forward_batch)
         finally:
             blocks[index] = original
-        return torch.cat(outputs)
 
     def _fp_output(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """The FP stream after block ``index`` (``hidden`` is the stream entering it), computed

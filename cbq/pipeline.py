@@ -1,6 +1,6 @@
 """The sequential block pipeline of the block-wise methods: RTN (static activations), GPTQ,
 AWQ, SmoothQuant, OS+ and OmniQuant. CBQ (windows of several blocks) keeps its own loop for
-now and shares the fingerprint and the atomic saves.
+now and shares the block runner, the fingerprint and the atomic saves.
 
 The calibration stream enters block 0; each block is quantized by the method on the stream
 that the quantized blocks before it produce, then the stream advances through it. A method
