@@ -36,12 +36,11 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import first_blocks
 from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
 from cbq.config import Config, QuantConfig
-from cbq.data import calibration_batch
 from cbq.methods.autoround import AutoRound, AutoRoundConfig
 from cbq.models import adapter_for
-from cbq.models.loader import load_model
 
 W3G128 = QuantConfig(name="w3a16g128", w_bits=3, w_granularity="per_group", w_group_size=128)
 VARIANTS: dict[str, Callable[[], TrainerSettings]] = {
@@ -82,10 +81,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
-    base, tokenizer = load_model(args.model, None, cache_dir=Path("~/.cache/cbq").expanduser())
-    base.model.layers = base.model.layers[: args.blocks]
-    base.config.num_hidden_layers = args.blocks
-    calib = calibration_batch("wiki-sample", tokenizer, n_samples=16, seqlen=256, seed=0)
+    base, calib = first_blocks(args.model, args.blocks)
     runs: dict[str, dict[str, float]] = {}
     for variant in args.variants:
         totals: dict[str, float] = defaultdict(float)
