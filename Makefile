@@ -44,6 +44,7 @@ bench: setup
 	$(PY) -m benchmarks.fakequant_overhead
 	$(PY) -m benchmarks.eval_dtype
 	$(PY) -m benchmarks.ppl_table
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.method_speed --blocks 3 --rounds 2
 
 # Peer libraries in their own venv, so that the project's pins stay intact: the auto-round
 # library, which benchmarks/autoround_library.py compares with method=autoround.
