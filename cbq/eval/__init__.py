@@ -45,7 +45,7 @@ class EvalConfig:
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
     def problems(self) -> list[str]:
-        problems = (
-            [] if self.batch_size >= 1 else [f"eval.batch_size: {self.batch_size} must be >= 1"]
-        )
-        return problems + self.zeroshot.problems()
+        problems = self.zeroshot.problems()
+        if self.batch_size < 1:
+            problems.insert(0, f"eval.batch_size: {self.batch_size} must be >= 1")
+        return problems
