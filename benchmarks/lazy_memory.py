@@ -49,6 +49,10 @@ METHOD_OVERRIDES = {
     "rtn": ["method=rtn"],
     "gptq": ["method=gptq"],
     "cbq": ["method=cbq", "method.iters=2", "method.forward_batch=4"],
+    # LoRA rounding: a window's rounding variables (and their gradients) are low-rank, where
+    # the default's are one per weight; at hidden 2048 / MLP 6912 the default's two-block
+    # window alone needs about 5 GiB.
+    "cbq_lora": ["method=cbq", "rounding=lora", "method.iters=2", "method.forward_batch=4"],
 }
 
 
@@ -240,7 +244,7 @@ def main() -> None:
     parser.add_argument(
         "--deepest-only",
         nargs="*",
-        default=["gptq", "cbq"],
+        default=["gptq", "cbq", "cbq_lora"],
         help="methods run only at the largest depth (they cost more)",
     )
     parser.add_argument("--eager-depths", type=int, nargs="*", default=[8])
