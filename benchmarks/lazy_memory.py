@@ -169,6 +169,13 @@ class MemoryLimit:
         control = self.path / "memory.oom_control" if self.path else None
         return control is not None and "oom_kill 0" not in control.read_text()
 
+    def peak_gib(self) -> float:
+        """The group's peak charge (page cache included), in GiB."""
+        for name in ("memory.max_usage_in_bytes", "memory.peak"):
+            if self.path is not None and (self.path / name).exists():
+                return int((self.path / name).read_text()) / GIB
+        return float("nan")
+
     def remove(self) -> None:
         if self.path is not None:
             self.path.rmdir()
@@ -227,8 +234,11 @@ def run_job(
         print("memory limit NOT ENFORCED: no writable cgroup", file=sys.stderr)
     try:
         result = run_cbq(model_dir, run_dir, method, lazy, limit)
+        if limit is not None:
+            result["cgroup_peak_gib"] = limit.peak_gib()
         if limit is not None and result["status"] != "finished" and limit.oom_killed():
             result["status"] = "killed: over the memory limit"
+            result["peak_rss_gib"] = float("nan")  # the record was written when it started
     finally:
         if limit is not None:
             limit.remove()
