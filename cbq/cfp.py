@@ -191,8 +191,7 @@ def _truncate_groups(
     step size, are clamped to the group's clip level. A partial last group is its own,
     narrower group; protected columns count as zeros in their group's statistics and are
     never changed. ``threshold`` / ``clip`` report the smallest level over the groups."""
-    if clip_to not in tuple(ClipTo):
-        raise ValueError(f"clip_to must be one of {[c.value for c in ClipTo]}, got {clip_to!r}")
+    _check_clip_to(clip_to)
     rows, cols = weight.shape
     keep = torch.ones(cols, dtype=torch.bool, device=weight.device)
     if protected_columns is not None:
@@ -264,10 +263,14 @@ def _channel_scales(
     return scale, result
 
 
-def clip_level(result: OutlierResult, clip_to: ClipTo) -> float:
-    """The magnitude outliers are brought down to (``inf`` when there is no outlier)."""
+def _check_clip_to(clip_to: ClipTo | str) -> None:
     if clip_to not in tuple(ClipTo):
         raise ValueError(f"clip_to must be one of {[c.value for c in ClipTo]}, got {clip_to!r}")
+
+
+def clip_level(result: OutlierResult, clip_to: ClipTo) -> float:
+    """The magnitude outliers are brought down to (``inf`` when there is no outlier)."""
+    _check_clip_to(clip_to)
     return result.threshold if clip_to == "threshold" else result.reserved_max
 
 

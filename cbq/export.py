@@ -165,9 +165,7 @@ def export_model(
             meta["compression_format"] = write_compressed(plain_model(model), qlinears, staging)
         else:
             meta["tied"] = _write_packed(model, staging / PACKED_FILE)
-            model.config.save_pretrained(staging)
-            if model.can_generate():
-                model.generation_config.save_pretrained(staging)
+            _save_configs(model, staging)
         _enable_kv_cache(staging)
         tokenizer.save_pretrained(staging)
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -406,14 +404,14 @@ def _write_by_block(
     folder, written, and freed. The tensors outside the blocks (embeddings, final norm, LM
     head) go to the first shard. ``meta`` gains the blocks' static activation scales."""
     residency = adapter.residency
-    prefixes = [prefix + "." for prefix in residency.prefixes]
+    prefixes = tuple(prefix + "." for prefix in residency.prefixes)
     shards = _shard_names(fmt, len(prefixes))
     packed = fmt is ExportFormat.packed
-    outside_linears = [n for n, _ in quant_linears(model) if not n.startswith(tuple(prefixes))]
+    outside_linears = [n for n, _ in quant_linears(model) if not n.startswith(prefixes)]
     if outside_linears:
         raise ValueError(f"quantized linears outside the blocks: {outside_linears}")
     outside, tied = _untied(
-        {k: t for k, t in model.state_dict().items() if not k.startswith(tuple(prefixes))}
+        {k: t for k, t in model.state_dict().items() if not k.startswith(prefixes)}
     )
     if packed:
         meta["tied"] = tied
@@ -437,9 +435,13 @@ def _write_by_block(
     else:
         index_file = {"metadata": {"format": "pt"}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
-    model.config.save_pretrained(staging)
+    _save_configs(model, staging)
+
+
+def _save_configs(model: PreTrainedModel, directory: Path) -> None:
+    model.config.save_pretrained(directory)
     if model.can_generate():
-        model.generation_config.save_pretrained(staging)
+        model.generation_config.save_pretrained(directory)
 
 
 def _shard_names(fmt: ExportFormat, n_blocks: int) -> list[str]:
@@ -457,7 +459,7 @@ def _untied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     seen: dict[tuple, str] = {}
     for key, tensor in state.items():
         identity = (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
-        if tensor.is_meta:  # a lazy model's block on disk: no storage to share
+        if tensor.is_meta:  # a lazy model's block on disk (unquantized_size): no storage
             identity = (key,)
         if identity in seen:
             tied[key] = seen[identity]

@@ -91,6 +91,12 @@ def coarse_outliers(values: torch.Tensor, lambda1: float = 1.5) -> torch.Tensor:
     return values > q3 + lambda1 * (q3 - q1)
 
 
+def _check_distance(distance: SplitDistance | str) -> None:
+    if distance not in tuple(SplitDistance):
+        allowed = [d.value for d in SplitDistance]
+        raise ValueError(f"distance must be one of {allowed}, got {distance!r}")
+
+
 def split_metric(
     sorted_values: torch.Tensor,
     lambda2: float = 1.0,
@@ -101,9 +107,7 @@ def split_metric(
     Entry ``k - 1`` is the metric of the split with ``k`` reserved values, k = 1..n-1.
     Cumulative sums make this O(n); float64 and centring keep the variances accurate.
     """
-    if distance not in tuple(SplitDistance):
-        allowed = [d.value for d in SplitDistance]
-        raise ValueError(f"distance must be one of {allowed}, got {distance!r}")
+    _check_distance(distance)
     x = sorted_values.detach().double()
     x = x - x.mean()
     n = x.numel()
@@ -229,9 +233,7 @@ def detect_row_outliers(
     split metric, same tie rules); CFP uses it per quantization group, where a row's
     outlier widens that row's step size.
     """
-    if distance not in tuple(SplitDistance):
-        allowed = [d.value for d in SplitDistance]
-        raise ValueError(f"distance must be one of {allowed}, got {distance!r}")
+    _check_distance(distance)
     magnitude = values.detach().abs().double()
     _check_finite(magnitude)
     rows, width = magnitude.shape
