@@ -3,8 +3,8 @@
 The packaged model is cut to its first ``--blocks`` blocks and CBQ runs with its defaults
 (K=2, overlap 1, CFP weight_act, full-rank offset rounding, homologous L2+KL) on the
 preset=cpu calibration (16 x 256 tokens of wiki-sample, seed 0) at W3 g128. The trainer's
-phases are timed by wrapping its methods; each variant is one run, side by side in one
-process:
+and the pipeline's phases are timed by wrapping their methods; each variant is one run, side
+by side in one process:
 
 - ``cbq``: the defaults (48 steps of one sequence a window);
 - ``cbq-fb1``: the same with one sequence per no-grad pass (``method.forward_batch=1``);
@@ -19,8 +19,9 @@ Phases (seconds over the whole run, inclusive of what they call):
 - homologous targets: the FP blocks on the quantized stream, once per window;
 - training: the optimizer steps (train minus scoring);
 - scoring: the whole-calibration-set distances (initial, hardened, best iterate);
-- commit: hardening, materializing and the quantized stream through the committed blocks;
-- checkpoint: writing the checkpoint.
+- commit: hardening and materializing;
+- q stream: the quantized stream through the committed blocks (the pipeline's);
+- checkpoint: writing the checkpoint (the pipeline's).
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import copy
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 
@@ -41,6 +44,7 @@ from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
 from cbq.config import Config, QuantConfig
 from cbq.methods.autoround import AutoRound, AutoRoundConfig
 from cbq.models import adapter_for
+from cbq.pipeline import BlockPipeline
 
 W3G128 = QuantConfig(name="w3a16g128", w_bits=3, w_granularity="per_group", w_group_size=128)
 VARIANTS: dict[str, Callable[[], TrainerSettings]] = {
@@ -51,28 +55,33 @@ VARIANTS: dict[str, Callable[[], TrainerSettings]] = {
 }
 
 
-def timed(trainer: CBDTrainer, totals: dict[str, float]) -> None:
-    """Wrap the trainer's phase methods so that their time adds up in ``totals``."""
+@contextmanager
+def timed(trainer: CBDTrainer, totals: dict[str, float]) -> Iterator[None]:
+    """Wrap the trainer's and the pipeline's phase methods so that their time adds up in
+    ``totals``; the pipeline's are restored on exit."""
+    with ExitStack() as stack:
 
-    def wrap(method: str, phase: Callable[..., str]) -> None:
-        original = getattr(trainer, method)
+        def wrap(owner: Any, method: str, phase: Callable[..., str]) -> None:
+            original = getattr(owner, method)
 
-        def timed_call(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                totals[phase(*args, **kwargs)] += time.perf_counter() - started
+            def timed_call(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    totals[phase(*args, **kwargs)] += time.perf_counter() - started
 
-        setattr(trainer, method, timed_call)
+            stack.enter_context(patch.object(owner, method, timed_call))
 
-    wrap("_prepare", lambda *a: "prepare")
-    wrap("_fp_output", lambda *a: "FP stream")
-    wrap("_run_range", lambda start, end, hidden, fp: "homologous targets" if fp else "q stream")
-    wrap("_train", lambda *a: "train")
-    wrap("_sample_distances", lambda *a: "scoring")
-    wrap("_commit", lambda *a: "commit")
-    wrap("_save_checkpoint", lambda *a: "checkpoint")
+        wrap(trainer, "_prepare", lambda *a: "prepare")
+        wrap(trainer, "_fp_output", lambda *a: "FP stream")
+        wrap(trainer, "_fp_range", lambda *a: "homologous targets")
+        wrap(trainer, "_train", lambda *a: "train")
+        wrap(trainer, "_sample_distances", lambda *a: "scoring")
+        wrap(trainer, "_commit", lambda *a: "commit")
+        wrap(BlockPipeline, "_advance", lambda *a: "q stream")
+        wrap(BlockPipeline, "_save", lambda *a: "checkpoint")
+        yield
 
 
 def main() -> None:
@@ -94,12 +103,11 @@ def main() -> None:
                 torch.device("cpu"),
                 Path(run_dir),
             )
-            timed(trainer, totals)
-            started = time.perf_counter()
-            trainer.run(calib)
-            totals["whole run"] = time.perf_counter() - started
+            with timed(trainer, totals):
+                started = time.perf_counter()
+                trainer.run(calib)
+                totals["whole run"] = time.perf_counter() - started
         totals["training"] = totals.pop("train") - totals["scoring"]
-        totals["commit"] -= totals["q stream"]  # the q stream is listed on its own
         runs[variant] = totals
 
     print(

@@ -1,15 +1,16 @@
 """Where two weight-only quantizations of SmolLM2 differ, linear by linear.
 
-Compares the committed weights of a CBD-trainer run (its ``checkpoint/cbq.pt``, e.g. of
-``method=autoround``) with another fake-quantized checkpoint (e.g. the ``auto-round``
-library's ``library_model/model.safetensors`` from ``benchmarks.autoround_library``), both
-against the FP model, per group of 128 inputs:
+Compares the committed weights of a killed CBD-trainer run (the blocks in its checkpoint
+folder, ``<run dir>/checkpoint/<method>/block_<i>.pt``, e.g. of ``method=autoround``) with
+another fake-quantized checkpoint (e.g. the ``auto-round`` library's
+``library_model/model.safetensors`` from ``benchmarks.autoround_library``), both against the
+FP model, per group of 128 inputs:
 
 - the share of groups clipped below 0.7 of their FP range (the smaller of the two ratios of
   the quantized group's min / max to the FP group's), a trace of learned clipping;
 - the relative squared error of the whole weight.
 
-    python -m benchmarks.clip_compare <run dir>/checkpoint/cbq.pt <dir>/model.safetensors
+    python -m benchmarks.clip_compare <run dir>/checkpoint/autoround <dir>/model.safetensors
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ def relative_error(quantized: torch.Tensor, weight: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="a CBD run's checkpoint/cbq.pt")
+    parser.add_argument("checkpoint", type=Path, help="a CBD run's checkpoint folder")
     parser.add_argument("other", type=Path, help="a fake-quantized model.safetensors")
     parser.add_argument("--model", default="smollm2-135m")
     args = parser.parse_args()
-    ours = torch.load(args.checkpoint, weights_only=False)["blocks"]
+    ours = {
+        int(path.stem.removeprefix("block_")): torch.load(path)
+        for path in args.checkpoint.glob("block_*.pt")
+    }
     other = load_file(str(args.other))
     model, _ = load_model(args.model, None, cache_dir=Path("~/.cache/cbq").expanduser())
     fp = model.state_dict()

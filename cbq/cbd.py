@@ -13,16 +13,19 @@ blocks, and ``x_fp``, the FP model's hidden states at the same depth. For a wind
    ``epochs`` over the calibration set), a learning-rate schedule, and the best iterate kept;
 4. the blocks that leave the window (``[start, start + stride)``) are committed: rounding
    hardened, weights materialized, parameters frozen; both streams advance through the
-   committed blocks only, so no block runs twice per advance.
+   committed blocks only (the FP stream on the FP outputs already computed as targets).
 
 Every window records what it did (``stats["windows"]``): optimizer steps, the window loss
 before training (RTN at the initial ranges), at the end and after hardening, the L2 and KL
 terms of the loss before training and after hardening (their balance), the fraction of
 weights whose learned rounding differs from round-to-nearest, the weights CFP truncated.
 
-After every window a checkpoint (streams + block states) is written atomically; a run
-restarted in the same directory resumes after the last finished window and ends with the
-same model as an uninterrupted run.
+The trainer is the work of one window on the shared pipeline (:mod:`cbq.pipeline`), which
+runs the schedule of windows, keeps the streams (``method.cache``), advances the quantized
+one, and checkpoints after every window: each committed block once, the streams, and the
+trainer's :meth:`CBDTrainer.state` (the blocks trained but not yet committed, their FP
+copies). A run restarted in the same directory resumes after the last finished window and
+ends with the same model as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -43,12 +45,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cbq import cfp
-from cbq.blockwise import embed_batches, run_block
+from cbq.blockwise import run_block
 from cbq.cfp import ActRule, CFPConfig, CFPMode, WeightScope
 from cbq.losses import LossConfig, check_finite, reconstruction_terms
-from cbq.models.adapter import ModelAdapter
+from cbq.models.adapter import BlockContext, ModelAdapter
 from cbq.optim import LRSchedule, OptimizerKind, build_optimizer, build_scheduler
-from cbq.pipeline import atomic_save, cpu_state, settings_fingerprint
+from cbq.pipeline import (
+    QUANTIZED,
+    BlockPipeline,
+    CacheKind,
+    Checkpoint,
+    Streams,
+    Window,
+    cpu_state,
+    settings_fingerprint,
+    window_schedule,
+)
 from cbq.quant import QuantLinear, observing_activations, quant_linears, wrap_block
 from cbq.quant.quantizer import Granularity, QuantConfig, RangeLearning
 from cbq.quant.rounding import AdaRound, LearnedRounding, LoRARounding, RoundingConfig, RoundingKind
@@ -83,32 +95,9 @@ class WindowConfig:
         return problems
 
 
-def window_schedule(n_blocks: int, size: int, overlap: int) -> list[tuple[int, int, int]]:
-    """(start, end, commit_end) of each window: blocks [start, end) are trained together and
-    blocks [start, commit_end) are committed after it."""
-    if size < 1 or not 0 <= overlap < size:
-        raise ValueError(f"window.size={size}, window.overlap={overlap}: need 0 <= overlap < size")
-    stride, start, schedule = size - overlap, 0, []
-    while True:
-        end = min(start + size, n_blocks)
-        last = end == n_blocks
-        schedule.append((start, end, end if last else start + stride))
-        if last:
-            return schedule
-        start += stride
-
-
 class BestRule(StrEnum):
     relative = "relative"
     batch = "batch"
-
-
-class CacheKind(StrEnum):
-    """Where the cached streams live: the device, CPU memory, or memory-mapped on disk."""
-
-    device = "device"
-    cpu = "cpu"
-    disk = "disk"
 
 
 @dataclass
@@ -182,39 +171,10 @@ class TrainerSettings:
         return settings_fingerprint({"settings": asdict(self), "quant": str(asdict(quant))}, calib)
 
 
-class ActivationStore:
-    """Where the cached streams live: on the device, in CPU memory, or memory-mapped on disk."""
-
-    def __init__(self, kind: CacheKind, device: torch.device, folder: Path):
-        self.kind, self.device, self.folder = CacheKind(kind), device, folder
-        self._tensors: dict[str, torch.Tensor] = {}
-
-    def put(self, name: str, tensor: torch.Tensor) -> None:
-        if self.kind is CacheKind.disk:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            path = self.folder / f"{name}.pt"
-            torch.save(tensor.cpu(), path)
-            tensor = torch.load(path, mmap=True)
-        else:
-            tensor = tensor.to(self.device if self.kind is CacheKind.device else "cpu")
-        self._tensors[name] = tensor
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
-
-    def has(self, name: str) -> bool:
-        return name in self._tensors
-
-    def drop(self, name: str) -> None:
-        del self._tensors[name]
-        if self.kind is CacheKind.disk:
-            (self.folder / f"{name}.pt").unlink(missing_ok=True)
-
-    def batch(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        return self._tensors[name][index].to(self.device)
-
-
 class CBDTrainer:
+    """CBQ's work for one window on the shared pipeline (:mod:`cbq.pipeline`), which owns the
+    streams, the schedule, the blocks' residency and the checkpoints."""
+
     def __init__(
         self,
         adapter: ModelAdapter,
@@ -224,77 +184,102 @@ class CBDTrainer:
         run_dir: Path,
         log_metrics: Callable[[dict[str, float]], None] = lambda metrics: None,
         stop_after_window: int | None = None,
+        name: str = "cbq",
     ):
         self.adapter, self.quant, self.s = adapter, quant, settings
         self.device, self.log_metrics = device, log_metrics
-        self.checkpoint_path = run_dir / "checkpoint" / "cbq.pt"
-        self.store = ActivationStore(
-            settings.knobs.cache, device, run_dir / "checkpoint" / "streams"
-        )
+        self.checkpoint_folder = run_dir / "checkpoint" / name
+        self.name = name
         self.fp_blocks: dict[int, nn.Module] = {}
         self.prepared: set[int] = set()
         self.committed: set[int] = set()
-        self.written: set[int] = set()  # committed blocks already in the checkpoint
-        self.stats: dict[str, Any] = {"windows": [], "cfp": {}}
+        self.stats: dict[str, Any] = {"cfp": {}}
+        self.ctx: BlockContext | None = None
         # Test hook: simulate a crash after this window's checkpoint.
         self.stop_after_window = stop_after_window
 
     # --- the outer loop ----------------------------------------------------------------
     def run(self, calib: torch.Tensor) -> dict[str, Any]:
-        blocks = self.adapter.blocks()
-        schedule = window_schedule(len(blocks), self.s.window.size, self.s.window.overlap)
-        fingerprint = self.s.fingerprint(self.quant, calib)
-        first = self._resume(fingerprint)
-        if first == 0:
-            hidden = embed_batches(self.adapter, calib, self.s.knobs.forward_batch, self.device)
-            self.store.put("x_q", hidden)
-            self.store.put("x_fp", hidden)
-        self.ctx = self.adapter.block_context(self.store.batch("x_q", torch.arange(1)))
-        for number, (start, end, commit_end) in enumerate(schedule):
-            if number < first:
-                continue
-            self._window(number, len(schedule), start, end)
-            self._commit(start, commit_end)
-            self._save_checkpoint(number + 1, fingerprint)
-            for index in range(start, commit_end):
-                self.adapter.residency.release(index)
-            if self.stop_after_window == number:
-                raise KeyboardInterrupt(f"stopped after window {number} (test hook)")
-        self._remove_checkpoint()
-        return self.stats
+        window = self.s.window
+        checkpoint = Checkpoint(
+            self.checkpoint_folder, self.s.fingerprint(self.quant, calib), self._restore
+        )
+        schedule = window_schedule(len(self.adapter.blocks()), window.size, window.overlap)
+        self.n_windows = len(schedule)
+        pipeline = BlockPipeline(
+            self.adapter,
+            self.device,
+            self.s.knobs.forward_batch,
+            self.name,
+            checkpoint,
+            fp_stream=True,
+            schedule=schedule,
+            cache=self.s.knobs.cache,
+        )
+        pipeline.stop_after_window = self.stop_after_window
+        self.store = pipeline.store
+        windows = pipeline.run_windows(calib, self)
+        return {"windows": windows} | self.stats | pipeline.resume_stats()
 
-    def _remove_checkpoint(self) -> None:
-        """A finished run keeps no checkpoint (0.4-0.5 GB for the packaged models), like the
-        block pipeline's runs: the quantized model is in memory and its record is written next."""
-        for name in ("x_q", "x_fp"):
-            if self.store.has(name):
-                self.store.drop(name)
-        folder = self.checkpoint_path.parent
-        self.checkpoint_path.unlink(missing_ok=True)
-        for sub in (self._committed_path(0).parent, folder / "streams"):
-            shutil.rmtree(sub, ignore_errors=True)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+    def _restore(self, index: int) -> None:
+        """A committed block's modules, as :meth:`_commit` leaves them, to load its state."""
+        self._wrap(index)
+        self.adapter.blocks()[index].requires_grad_(False)
+
+    def state(self) -> dict[str, Any]:
+        """The blocks prepared and not yet committed (trained in a window that overlaps the
+        next), their FP copies and the statistics so far."""
+        blocks = self.adapter.blocks()
+        pending = sorted(self.prepared - self.committed)
+        return {
+            "prepared": sorted(self.prepared),
+            "committed": sorted(self.committed),
+            "blocks": {i: cpu_state(blocks[i]) for i in pending},
+            "fp_blocks": {i: cpu_state(b) for i, b in self.fp_blocks.items()},
+            "stats": self.stats,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        blocks = self.adapter.blocks()
+        for index, block_state in state["blocks"].items():
+            self.adapter.residency.acquire(index)
+            fp_copy = copy.deepcopy(blocks[index]).requires_grad_(False)
+            fp_copy.load_state_dict(state["fp_blocks"][index])
+            self.fp_blocks[index] = fp_copy
+            self._attach_rounding(index, self._wrap(index).values())
+            blocks[index].load_state_dict(block_state)
+        self.prepared, self.committed = set(state["prepared"]), set(state["committed"])
+        self.stats = state["stats"]
 
     # --- one window ----------------------------------------------------------------------
-    def _window(self, number: int, total: int, start: int, end: int) -> None:
-        x_fp = self.store.get("x_fp")
+    def __call__(
+        self, number: int, window: Window, streams: Streams, ctx: BlockContext
+    ) -> dict[str, Any]:
+        start, end, commit_end = window
+        if self.ctx is None:
+            self.ctx = self.adapter.block_context(self.store.batch(QUANTIZED, torch.arange(1)))
+        x_fp = streams.fp
         entering = []
-        for index in range(start, end):
-            self._to_device(index)
+        for index in window.blocks:
             if index not in self.prepared:
                 self._prepare(index, x_fp)
                 entering.append(index)
+            self.fp_blocks[index].to(self.device)  # a resumed run's copies start on the CPU
             x_fp = self._fp_output(index, x_fp)
         self.store.put("y", x_fp)
         if self.s.loss.homologous:
-            self.store.put("y_h", self._run_range(start, end, self.store.get("x_q"), fp=True))
-        record = self._train(number, total, start, end)
+            self.store.put("y_h", self._fp_range(start, end, streams.quantized))
+        record = self._train(number, self.n_windows, start, end)
         record["truncated_weights"] = sum(
             sum(self.stats["cfp"][i].get("weight", {}).values()) for i in entering
         )
-        self.stats["windows"].append(record)
         self.log_metrics({"cbq/window": number} | _numbers(record, "cbq"))
+        self._commit(window)
+        streams.fp_next = self.store.get(_fp_output_name(commit_end - 1))
+        for index in window.committed:
+            del self.fp_blocks[index]
+            self.store.drop(_fp_output_name(index))
+        return record
 
     def _prepare(self, index: int, x_fp: torch.Tensor) -> None:
         """CFP, the FP target copy, wrapping, activation ranges and rounding for one block."""
@@ -313,9 +298,7 @@ class CBDTrainer:
                 **self._split_rule(),
             )
         self.stats["cfp"][index] = stats
-        wrapped = wrap_block(
-            block, self.adapter.linear_names(), self.quant.weight_spec(), self.quant.act_spec()
-        )
+        wrapped = self._wrap(index)
         if any(q.act_quantizer.needs_calibration for q in wrapped.values()):
             with torch.no_grad(), observing_activations(block):
                 self._run(block, index, x_fp)
@@ -364,6 +347,14 @@ class CBDTrainer:
             "log_space": self.s.cfp.log_space,
             "clip_to": self.s.cfp.clip_to.value,
         }
+
+    def _wrap(self, index: int) -> dict[str, QuantLinear]:
+        return wrap_block(
+            self.adapter.blocks()[index],
+            self.adapter.linear_names(),
+            self.quant.weight_spec(),
+            self.quant.act_spec(),
+        )
 
     def _attach_rounding(self, index: int, qlinears: Iterator[QuantLinear] | Any) -> None:
         """Learned rounding and learned weight ranges for the linears of block ``index``."""
@@ -430,7 +421,7 @@ class CBDTrainer:
         """Learn the window's variables; returns the window's record (see the module doc)."""
         groups = self._parameter_groups(start, end)
         roundings = self._roundings(start, end)
-        n = self.store.get("x_q").shape[0]
+        n = self.store.get(QUANTIZED).shape[0]
         steps = self.steps_per_window(n) if groups else 0
         record: dict[str, Any] = {"blocks": [start, end], "steps": steps}
         with _hardened(roundings):  # RTN at the initial ranges, whatever the rounding's form
@@ -528,7 +519,7 @@ class CBDTrainer:
     def _sample_distances(self, start: int, end: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The window's reconstruction distance of every calibration sample (no regulariser),
         run in batches, and the calibration-set mean of each of the distance's terms."""
-        n = self.store.get("x_q").shape[0]
+        n = self.store.get(QUANTIZED).shape[0]
         distances, term_sums = [], {}
         for chunk in torch.arange(n).split(self.s.knobs.forward_batch):
             output = self._output(start, end, chunk)
@@ -545,7 +536,7 @@ class CBDTrainer:
 
     def _output(self, start: int, end: int, index: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.knobs.bf16):
-            return self._forward(start, end, self.store.batch("x_q", index))
+            return self._forward(start, end, self.store.batch(QUANTIZED, index))
 
     def _distance(self, start: int, end: int, index: torch.Tensor) -> torch.Tensor:
         terms = self._terms_of(self._output(start, end, index), index)
@@ -610,11 +601,13 @@ class CBDTrainer:
         return {"clip_min": min(r[0] for r in ranges), "clip_max": max(r[1] for r in ranges)}
 
     # --- committing and advancing --------------------------------------------------------
-    def _commit(self, start: int, commit_end: int) -> None:
+    def _commit(self, window: Window) -> None:
+        """Harden, materialize and freeze the blocks leaving the window; the pipeline then
+        advances the quantized stream through them."""
         blocks = self.adapter.blocks()
         moved = self.stats.setdefault("rounding_moved", {})
         with torch.no_grad():
-            for index in range(start, commit_end):
+            for index in window.committed:
                 for _, qlinear in quant_linears(blocks[index]):
                     if isinstance(qlinear.rounding, LearnedRounding):
                         qlinear.rounding.harden()
@@ -624,23 +617,8 @@ class CBDTrainer:
                     qlinear.materialize()
                 blocks[index].requires_grad_(False)
                 self.committed.add(index)
-            self.store.put(
-                "x_q", self._run_range(start, commit_end, self.store.get("x_q"), fp=False)
-            )
-            self.store.put("x_fp", self.store.get(_fp_output_name(commit_end - 1)))
-        for index in range(start, commit_end):
-            del self.fp_blocks[index]
-            self.store.drop(_fp_output_name(index))
-            if self.device.type != "cpu":
-                blocks[index].to("cpu")
 
     # --- running blocks ------------------------------------------------------------------
-    def _to_device(self, index: int) -> None:
-        self.adapter.residency.acquire(index)
-        self.adapter.blocks()[index].to(self.device)
-        if index in self.fp_blocks:
-            self.fp_blocks[index].to(self.device)
-
     def _forward(self, start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
         for index in range(start, end):
             hidden = self.adapter.forward_block(index, hidden, self.ctx)
@@ -665,75 +643,11 @@ class CBDTrainer:
             self.store.put(name, self._run(self.fp_blocks[index], index, hidden))
         return self.store.get(name)
 
-    def _run_range(self, start: int, end: int, hidden: torch.Tensor, fp: bool) -> torch.Tensor:
+    def _fp_range(self, start: int, end: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The FP copies of blocks [start, end) on ``hidden`` (the homologous targets)."""
         for index in range(start, end):
-            self._to_device(index)
-            block = self.fp_blocks[index] if fp else self.adapter.blocks()[index]
-            hidden = self._run(block, index, hidden)
+            hidden = self._run(self.fp_blocks[index], index, hidden)
         return hidden
-
-    # --- checkpoints ---------------------------------------------------------------------
-    def _save_checkpoint(self, next_window: int, fingerprint: str) -> None:
-        blocks = self.adapter.blocks()
-        state = {
-            "fingerprint": fingerprint,
-            "next_window": next_window,
-            "x_q": self.store.get("x_q").cpu(),
-            "x_fp": self.store.get("x_fp").cpu(),
-            "committed": sorted(self.committed),
-            "prepared": sorted(self.prepared),
-            # Committed blocks are final: each is written once, to its own file.
-            "blocks": {i: cpu_state(blocks[i]) for i in sorted(self.prepared - self.committed)},
-            "fp_blocks": {i: cpu_state(b) for i, b in self.fp_blocks.items()},
-            "stats": self.stats,
-        }
-        for index in sorted(self.committed - self.written):
-            atomic_save(cpu_state(blocks[index]), self._committed_path(index))
-            self.written.add(index)
-        atomic_save(state, self.checkpoint_path)
-
-    def _committed_path(self, index: int) -> Path:
-        return self.checkpoint_path.parent / "committed" / f"block_{index}.pt"
-
-    def _resume(self, fingerprint: str) -> int:
-        """Restore the last checkpoint of this run dir; returns the first window to run."""
-        if not self.checkpoint_path.exists():
-            shutil.rmtree(self._committed_path(0).parent, ignore_errors=True)  # a dead run's
-            return 0
-        state = torch.load(self.checkpoint_path, weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            raise RuntimeError(
-                f"{self.checkpoint_path} belongs to a run with other settings or calibration data; "
-                "delete it or use another hydra.run.dir"
-            )
-        blocks = self.adapter.blocks()
-        for index in state["prepared"]:
-            self.adapter.residency.acquire(index)
-            if index in state["fp_blocks"]:
-                fp_copy = copy.deepcopy(blocks[index]).requires_grad_(False)
-                fp_copy.load_state_dict(state["fp_blocks"][index])
-                self.fp_blocks[index] = fp_copy
-            wrapped = wrap_block(
-                blocks[index],
-                self.adapter.linear_names(),
-                self.quant.weight_spec(),
-                self.quant.act_spec(),
-            )
-            if index in state["committed"]:
-                blocks[index].load_state_dict(torch.load(self._committed_path(index)))
-                blocks[index].requires_grad_(False)
-                self.adapter.residency.release(index)
-            else:
-                self._attach_rounding(index, wrapped.values())
-                blocks[index].load_state_dict(state["blocks"][index])
-        self.prepared, self.committed = set(state["prepared"]), set(state["committed"])
-        self.written = set(self.committed)
-        self.store.put("x_q", state["x_q"])
-        self.store.put("x_fp", state["x_fp"])
-        # The quantize time of a resumed run covers only the windows after this one.
-        self.stats = state["stats"] | {"resumed_at_window": state["next_window"]}
-        log.info("resumed CBQ from %s at window %d", self.checkpoint_path, state["next_window"])
-        return state["next_window"]
 
 
 def _fp_output_name(index: int) -> str:

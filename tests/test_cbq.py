@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import cbq.cbd
+import cbq.pipeline
 from cbq.blockwise import embed_batches
-from cbq.cbd import CacheKind, CBDTrainer, TrainerKnobs, TrainerSettings, window_schedule
+from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
 from cbq.config import (
     ActRule,
     CFPConfig,
@@ -30,6 +30,7 @@ from cbq.config import (
 from cbq.losses import LossKind, kl_distance, l2_distance, reconstruction_terms
 from cbq.methods import build_method
 from cbq.models import adapter_for, tiny_model
+from cbq.pipeline import CacheKind, window_schedule
 from cbq.quant import Granularity, QuantSpec, WeightQuantizer, quant_linears
 from cbq.quant.rounding import AdaRound, LoRARounding, learnable_parameters, rectified_sigmoid
 
@@ -277,13 +278,13 @@ def test_checkpoint_bytes_grow_linearly_with_depth(tmp_path, monkeypatch):
     """Each committed block is written once, so the bytes a run writes grow with the number
     of blocks, not with its square (every window rewrote every prepared block before)."""
     written: list[int] = []
-    save = cbq.cbd.atomic_save
+    save = cbq.pipeline.atomic_save
 
     def counting(payload, path):
         save(payload, path)
         written.append(path.stat().st_size)
 
-    monkeypatch.setattr(cbq.cbd, "atomic_save", counting)
+    monkeypatch.setattr(cbq.pipeline, "atomic_save", counting)
     totals = {}
     for depth in (4, 8, 16):
         written.clear()
@@ -316,7 +317,7 @@ def test_a_finished_run_removes_its_checkpoint(tmp_path, cache):
     trainer.stop_after_window = 0
     with pytest.raises(KeyboardInterrupt):
         trainer.run(tokens(4, seed=0, seqlen=24))
-    assert (tmp_path / "checkpoint" / "cbq.pt").exists()  # a killed run keeps it
+    assert (tmp_path / "checkpoint" / "cbq" / "state.pt").exists()  # a killed run keeps it
     make_trainer(tmp_path, deep_llama(), knobs=knobs(epochs=1, cache=cache)).run(
         tokens(4, seed=0, seqlen=24)
     )
@@ -390,7 +391,7 @@ def test_window_records_reach_the_logger_flat(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, monkeypatch):
-    import cbq.cbd
+    import cbq.pipeline
 
     monkeypatch.setattr(
         cbq.cbd, "reconstruction_terms", lambda *a, **k: {"l2": torch.tensor(float("nan"))}

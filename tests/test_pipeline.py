@@ -10,7 +10,7 @@ import torch
 from cbq.config import Config, QuantConfig
 from cbq.methods import RunContext, build_method
 from cbq.models import adapter_for, tiny_model
-from cbq.pipeline import BlockPipeline
+from cbq.pipeline import QUANTIZED, BlockPipeline
 
 from helpers import CPU, tokens
 
@@ -28,10 +28,10 @@ def quantize(method: str, run_dir: Path, **fields) -> tuple[torch.nn.Module, dic
 @pytest.mark.parametrize("method", ["gptq", "rtn", "awq", "smoothquant", "osplus", "omniquant"])
 def test_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch, method):
     uninterrupted, _ = quantize(method, tmp_path / "a")
-    monkeypatch.setattr(BlockPipeline, "stop_after_block", 1)
+    monkeypatch.setattr(BlockPipeline, "stop_after_window", 1)
     with pytest.raises(KeyboardInterrupt):
         quantize(method, tmp_path / "b")
-    monkeypatch.setattr(BlockPipeline, "stop_after_block", None)
+    monkeypatch.setattr(BlockPipeline, "stop_after_window", None)
     resumed, stats = quantize(method, tmp_path / "b")  # a fresh FP model, as a new process
     assert stats["resumed_at_block"] == 2
     expected, actual = uninterrupted.state_dict(), resumed.state_dict()
@@ -43,10 +43,10 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, monkeypatch, method):
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(BlockPipeline, "stop_after_block", 0)
+    monkeypatch.setattr(BlockPipeline, "stop_after_window", 0)
     with pytest.raises(KeyboardInterrupt):
         quantize("gptq", tmp_path)
-    monkeypatch.setattr(BlockPipeline, "stop_after_block", None)
+    monkeypatch.setattr(BlockPipeline, "stop_after_window", None)
     with pytest.raises(RuntimeError, match="other settings"):
         quantize("gptq", tmp_path, percdamp=0.1)
 
@@ -65,12 +65,12 @@ def test_streams_hold_no_autograd_graph(tmp_path, monkeypatch, method):
     every activation of every block it went through."""
     advance, streams = BlockPipeline._advance, []
 
-    def recording(self, index, current, ctx):
-        streams.append(advance(self, index, current, ctx))
-        return streams[-1]
+    def recording(self, window, current, ctx):
+        advance(self, window, current, ctx)
+        streams.append(self.store.get(QUANTIZED))
 
     monkeypatch.setattr(BlockPipeline, "_advance", recording)
     model, _ = quantize(method, tmp_path)
     assert any(p.requires_grad for p in model.parameters())
     assert len(streams) == 4
-    assert not any(s.quantized.requires_grad for s in streams)
+    assert not any(s.requires_grad for s in streams)

@@ -131,12 +131,12 @@ def test_killed_lazy_run_resumes_to_the_eager_result(saved_tiny_model, tmp_path,
     directory = saved_tiny_model("llama")
     eager = eager_adapter(directory)
     quantize(eager, "gptq", tmp_path / "eager")
-    monkeypatch.setattr(BlockPipeline, "stop_after_block", 0)
+    monkeypatch.setattr(BlockPipeline, "stop_after_window", 0)
     with pytest.raises(KeyboardInterrupt):
         quantize(
             lazy_adapter(directory, tmp_path / "run" / "offload"), "gptq", tmp_path / "run", True
         )
-    monkeypatch.setattr(BlockPipeline, "stop_after_block", None)
+    monkeypatch.setattr(BlockPipeline, "stop_after_window", None)
     resumed = lazy_adapter(directory, tmp_path / "run" / "offload")  # a new process
     quantize(resumed, "gptq", tmp_path / "run", resumable=True)
     for index in range(len(eager.blocks())):

@@ -25,7 +25,6 @@ import torch
 
 from cbq.cbd import (
     BestRule,
-    CacheKind,
     CBDTrainer,
     TrainerKnobs,
     TrainerSettings,
@@ -37,6 +36,7 @@ from cbq.losses import LossConfig, LossKind
 from cbq.methods.base import MethodConfig, QuantMethod, RunContext
 from cbq.models.adapter import ModelAdapter
 from cbq.optim import LRSchedule, OptimizerKind
+from cbq.pipeline import CacheKind
 from cbq.quant.quantizer import RangeLearning
 from cbq.quant.rounding import RoundingConfig, RoundingForm, RoundingKind
 
@@ -112,5 +112,7 @@ class AutoRound(QuantMethod):
     ) -> dict[str, Any]:
         assert calib is not None, "AutoRound needs calibration data"
         refuse_unwanted_resume(ctx.run_dir, self.cfg.resume)
-        trainer = CBDTrainer(adapter, self.quant, self.settings(), ctx.device, ctx.run_dir, ctx.log)
+        trainer = CBDTrainer(
+            adapter, self.quant, self.settings(), ctx.device, ctx.run_dir, ctx.log, name=self.name
+        )
         return trainer.run(calib)
