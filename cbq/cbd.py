@@ -49,6 +49,7 @@ from cbq.blockwise import run_block
 from cbq.cfp import ActRule, CFPConfig, CFPMode, WeightScope
 from cbq.losses import LossConfig, check_finite, reconstruction_terms
 from cbq.models.adapter import BlockContext, ModelAdapter
+from cbq.models.residency import park, unpark
 from cbq.optim import LRSchedule, OptimizerKind, build_optimizer, build_scheduler
 from cbq.pipeline import (
     QUANTIZED,
@@ -191,6 +192,8 @@ class CBDTrainer:
         self.checkpoint_folder = run_dir / "checkpoint" / name
         self.name = name
         self.fp_blocks: dict[int, nn.Module] = {}
+        # Lazy models: FP copies written to disk while their window trains (see _park_fp_copies).
+        self.parked: set[int] = set()
         self.prepared: set[int] = set()
         self.committed: set[int] = set()
         self.stats: dict[str, Any] = {"cfp": {}}
@@ -216,7 +219,8 @@ class CBDTrainer:
             schedule=schedule,
             cache=self.s.knobs.cache,
         )
-        pipeline.stop_after_window = self.stop_after_window
+        if self.stop_after_window is not None:
+            pipeline.stop_after_window = self.stop_after_window
         self.store = pipeline.store
         windows = pipeline.run_windows(calib, self)
         return {"windows": windows} | self.stats | pipeline.resume_stats()
@@ -231,6 +235,8 @@ class CBDTrainer:
         next), their FP copies and the statistics so far."""
         blocks = self.adapter.blocks()
         pending = sorted(self.prepared - self.committed)
+        for index in pending:
+            self._unpark(index)  # the next window needs them first
         return {
             "prepared": sorted(self.prepared),
             "committed": sorted(self.committed),
@@ -264,11 +270,13 @@ class CBDTrainer:
             if index not in self.prepared:
                 self._prepare(index, x_fp)
                 entering.append(index)
+            self._unpark(index)
             self.fp_blocks[index].to(self.device)  # a resumed run's copies start on the CPU
             x_fp = self._fp_output(index, x_fp)
         self.store.put("y", x_fp)
         if self.s.loss.homologous:
             self.store.put("y_h", self._fp_range(start, end, streams.quantized))
+        self._park_fp_copies(window)
         record = self._train(number, self.n_windows, start, end)
         record["truncated_weights"] = sum(
             sum(self.stats["cfp"][i].get("weight", {}).values()) for i in entering
@@ -278,8 +286,28 @@ class CBDTrainer:
         streams.fp_next = self.store.get(_fp_output_name(commit_end - 1))
         for index in window.committed:
             del self.fp_blocks[index]
+            self.parked.discard(index)
+            self._parked_path(index).unlink(missing_ok=True)
             self.store.drop(_fp_output_name(index))
         return record
+
+    def _park_fp_copies(self, window: Window) -> None:
+        """With ``model.lazy``, write the window's FP copies to disk once its targets exist: they
+        are not read while it trains, and its peak memory is its training (a 2048-wide block's
+        copy is 236 MB of fp32). An eager model keeps them in memory."""
+        if not self.adapter.residency.lazy:
+            return
+        for index in window.blocks:
+            park(self.fp_blocks[index], self._parked_path(index))
+            self.parked.add(index)
+
+    def _unpark(self, index: int) -> None:
+        if index in self.parked:
+            unpark(self.fp_blocks[index], self._parked_path(index), self.device)
+            self.parked.discard(index)
+
+    def _parked_path(self, index: int) -> Path:
+        return self.checkpoint_folder / "fp_copies" / f"block_{index}.safetensors"
 
     def _prepare(self, index: int, x_fp: torch.Tensor) -> None:
         """CFP, the FP target copy, wrapping, activation ranges and rounding for one block."""

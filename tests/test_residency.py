@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from cbq.cbd import CBDTrainer
 from cbq.config import Config, ConfigError, ExportFormat, QuantConfig
 from cbq.data import evaluation_windows
 from cbq.eval import perplexity
@@ -127,22 +128,48 @@ def test_lazy_quantization_equals_eager(saved_tiny_model, tmp_path, method):
     assert perplexity(lazy, windows) == pytest.approx(perplexity(eager, windows), rel=1e-5)
 
 
-def test_killed_lazy_run_resumes_to_the_eager_result(saved_tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["gptq", "cbq"])
+def test_killed_lazy_run_resumes_to_the_eager_result(
+    saved_tiny_model, tmp_path, monkeypatch, method
+):
+    """For CBQ the kill leaves block 1 trained, not committed, with its FP copy parked."""
     directory = saved_tiny_model("llama")
     eager = eager_adapter(directory)
-    quantize(eager, "gptq", tmp_path / "eager")
+    quantize(eager, method, tmp_path / "eager")
     monkeypatch.setattr(BlockPipeline, "stop_after_window", 0)
     with pytest.raises(KeyboardInterrupt):
         quantize(
-            lazy_adapter(directory, tmp_path / "run" / "offload"), "gptq", tmp_path / "run", True
+            lazy_adapter(directory, tmp_path / "run" / "offload"), method, tmp_path / "run", True
         )
     monkeypatch.setattr(BlockPipeline, "stop_after_window", None)
     resumed = lazy_adapter(directory, tmp_path / "run" / "offload")  # a new process
-    quantize(resumed, "gptq", tmp_path / "run", resumable=True)
+    quantize(resumed, method, tmp_path / "run", resumable=True)
     for index in range(len(eager.blocks())):
         got = block_state(resumed, index)
         for name, tensor in block_tensors(eager.blocks()[index]):
             torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_cbq_trains_with_its_fp_copies_on_disk_when_lazy(
+    saved_tiny_model, tmp_path, monkeypatch, lazy
+):
+    """A lazy CBQ window's FP copies are needed for its targets only: they are on disk (meta
+    tensors in memory) while it trains, and the result is the eager one (test above). An eager
+    run keeps them in memory."""
+    directory = saved_tiny_model("llama")
+    parked_while_training: list[bool] = []
+    train = CBDTrainer._train
+
+    def recording(self, *args):
+        copies = [t for block in self.fp_blocks.values() for _, t in block_tensors(block)]
+        parked_while_training.append(all(t.is_meta for t in copies))
+        return train(self, *args)
+
+    monkeypatch.setattr(CBDTrainer, "_train", recording)
+    adapter = lazy_adapter(directory, tmp_path / "offload") if lazy else eager_adapter(directory)
+    quantize(adapter, "cbq", tmp_path / "run")
+    assert parked_while_training and set(parked_while_training) == {lazy}
 
 
 def test_resident_blocks_do_not_grow_with_depth(tmp_path):

@@ -72,25 +72,22 @@ class LazyBlocks(ResidentBlocks):
         if index in self.resident:
             return
         if index in self.released:
-            with safe_open(str(self._offload_path(index)), framework="pt") as file:
-                tensors = {name: owned(file.get_tensor(name)) for name in file.keys()}  # noqa: SIM118
+            unpark(self.blocks[index], self._offload_path(index), self.device)
         else:
             prefix = self.prefixes[index] + "."
             tensors = {
-                name[len(prefix) :]: owned(tensor, self.dtype)
+                name[len(prefix) :]: owned(tensor, self.dtype).to(self.device)
                 for name, tensor in read_tensors(self.sources, prefix)
             }
-        assign_tensors(self.blocks[index], {k: v.to(self.device) for k, v in tensors.items()})
+            assign_tensors(self.blocks[index], tensors)
         self.resident.add(index)
 
     def release(self, index: int) -> None:
         if index not in self.resident:
             raise RuntimeError(f"block {index} is not resident; acquire it before releasing it")
-        block = self.blocks[index]
-        tensors = {name: t.detach().cpu().contiguous().clone() for name, t in block_tensors(block)}
-        atomic_write(self._offload_path(index), lambda tmp: save_file(tensors, str(tmp)))
+        park(self.blocks[index], self._offload_path(index))
         self.released.add(index)
-        self.evict(index)
+        self.resident.discard(index)
 
     def evict(self, index: int) -> None:
         to_meta(self.blocks[index])
@@ -167,6 +164,22 @@ def block_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in getattr(owner, kind).items():
                 if tensor is not None:
                     yield f"{owner_name}.{name}" if owner_name else name, tensor
+
+
+def park(module: nn.Module, path: Path) -> None:
+    """Write ``module``'s tensors to a safetensors file (atomically) and free them: the module
+    keeps meta tensors until :func:`unpark`."""
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in block_tensors(module)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    to_meta(module)
+    give_back_freed_memory()
+
+
+def unpark(module: nn.Module, path: Path, device: torch.device | str) -> None:
+    """The tensors :func:`park` wrote back into ``module``, on ``device``."""
+    with safe_open(str(path), framework="pt") as file:
+        tensors = {name: owned(file.get_tensor(name)).to(device) for name in file.keys()}  # noqa: SIM118
+    assign_tensors(module, tensors)
 
 
 def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
