@@ -61,28 +61,80 @@ def write_compressed(
 ) -> str:
     """Compress ``plain`` (plain linears holding the quantized weights of ``qlinears``) with
     the library and save it to ``directory``; returns the compression format written."""
+    weight, act = _specs(qlinears)
+    codes = _attach_all(plain, qlinears, scheme_for(weight, act))
+    compressor = ModelCompressor.from_pretrained_model(plain)
+    compressor.compress_model(plain)
+    compressor.remove_decompression_hook(plain)
+    fmt = CompressionFormat(compressor.quantization_config.format)
+    _check_all(plain, codes, fmt, weight.bits)
+    plain.save_pretrained(directory)
+    return finish_config(compressor, directory, weight)
+
+
+class BlockCompressor:
+    """A lazy model's compressed-tensors export, one block at a time: the library's config
+    (format, ignore list) is read off a meta skeleton carrying the scheme on every quantized
+    linear, as it would be off the whole model, and each block's plain copy is compressed by
+    the same compressor."""
+
+    def __init__(self, skeleton: nn.Module, names: list[str], weight: QuantSpec, act: QuantSpec):
+        self.scheme, self.weight = scheme_for(weight, act), weight
+        for name in names:
+            module = skeleton.get_submodule(name)
+            initialize_module_for_quantization(module, self.scheme, force_zero_point=False)
+            module.quantization_status = QuantizationStatus.FROZEN
+        self.compressor = ModelCompressor.from_pretrained_model(skeleton)
+        self.format = CompressionFormat(self.compressor.quantization_config.format)
+
+    def block_tensors(
+        self, plain: nn.Module, qlinears: Mapping[str, QuantLinear], prefix: str
+    ) -> dict[str, torch.Tensor]:
+        """The compressed tensors of one block's plain copy, their keys under ``prefix``."""
+        codes = _attach_all(plain, qlinears, self.scheme)
+        self.compressor.compress_model(plain)
+        _check_all(plain, codes, self.format, self.weight.bits)
+        return {prefix + key: tensor for key, tensor in plain.state_dict().items()}
+
+    def finish(self, directory: Path) -> str:
+        return finish_config(self.compressor, directory, self.weight)
+
+
+def finish_config(compressor: ModelCompressor, directory: Path, weight: QuantSpec) -> str:
+    """The quantization config into ``directory``'s config.json; returns the format."""
+    compressor.update_config(str(directory))
+    fmt = CompressionFormat(compressor.quantization_config.format)
+    if _packs_zero_points(fmt, weight):
+        _dequantize_on_load(directory / "config.json")
+    return fmt.value
+
+
+def _specs(qlinears: Mapping[str, QuantLinear]) -> tuple[QuantSpec, QuantSpec]:
     first = next(iter(qlinears.values()))
-    weight, act = first.weight_quantizer.spec, first.act_quantizer.spec
-    scheme = scheme_for(weight, act)
+    return first.weight_quantizer.spec, first.act_quantizer.spec
+
+
+def _attach_all(
+    root: nn.Module, qlinears: Mapping[str, QuantLinear], scheme: QuantizationScheme
+) -> dict[str, torch.Tensor]:
+    """The scheme and each QuantLinear's parameters on ``root``'s plain linear of the same
+    name; returns our codes of each, to check what the library stores against."""
     codes = {}
     for name, qlinear in qlinears.items():
-        module = plain.get_submodule(name)
+        module = root.get_submodule(name)
         codes[name] = weight_codes(qlinear.weight_quantizer, module.weight.detach())
         try:
             _attach(module, qlinear, scheme)
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
-    compressor = ModelCompressor.from_pretrained_model(plain)
-    compressor.compress_model(plain)
-    compressor.remove_decompression_hook(plain)
-    fmt = CompressionFormat(compressor.quantization_config.format)
+    return codes
+
+
+def _check_all(
+    root: nn.Module, codes: Mapping[str, torch.Tensor], fmt: CompressionFormat, bits: int
+) -> None:
     for name, expected in codes.items():
-        _check_codes(name, plain.get_submodule(name), fmt, weight.bits, expected)
-    plain.save_pretrained(directory)
-    compressor.update_config(str(directory))
-    if _packs_zero_points(fmt, weight):
-        _dequantize_on_load(directory / "config.json")
-    return fmt.value
+        _check_codes(name, root.get_submodule(name), fmt, bits, expected)
 
 
 @torch.no_grad()

@@ -59,7 +59,15 @@ import cbq
 from cbq.export_compressed import ALLOWED, UnsupportedSetting, setting_problems, shape_problems
 from cbq.models import ModelAdapter
 from cbq.models.registry import attn_implementation_for
-from cbq.quant import ActQuantizer, Granularity, QuantLinear, QuantSpec, quant_linears, wrap_block
+from cbq.quant import (
+    ActQuantizer,
+    Granularity,
+    QuantLinear,
+    QuantSpec,
+    quant_linears,
+    unwrap_block,
+    wrap_block,
+)
 from cbq.quant.packing import OffGridError, dequantize, pack_bits, unpack_bits, weight_codes
 
 log = logging.getLogger(__name__)
@@ -140,22 +148,18 @@ def export_model(
         raise ValueError("export format 'none' writes nothing")
     target = Path(directory)
     lazy = adapter is not None and adapter.residency.lazy
-    if lazy and fmt is ExportFormat.compressed_tensors:
-        raise ValueError(
-            "export.format=compressed_tensors is not written block by block; a lazy model "
-            "exports as dequantized or packed"
-        )
     meta = describe(model, fmt, method, setting)
     _warn_about(meta, fmt)
     qlinears = dict(quant_linears(model))
     if fmt is ExportFormat.compressed_tensors:
         _refuse_unsupported(qlinears)
     with _staging(target) as staging:
+        compressed = fmt is ExportFormat.compressed_tensors and _quantizes_weights(qlinears)
         if lazy:
             assert adapter is not None
-            _write_by_block(model, adapter, staging, fmt, meta)
+            _write_by_block(model, adapter, staging, fmt, meta, compressed)
         elif fmt is ExportFormat.dequantized or (
-            fmt is ExportFormat.compressed_tensors and not _quantizes_weights(qlinears)
+            fmt is ExportFormat.compressed_tensors and not compressed
         ):
             model.save_pretrained(staging, state_dict=plain_state(model))
         elif fmt is ExportFormat.compressed_tensors:
@@ -335,13 +339,7 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def plain_model(model: PreTrainedModel) -> PreTrainedModel:
     """A copy of ``model`` with plain linears holding the quantized weights; it shares the
     model's other tensors (do not modify them)."""
-    config = copy.deepcopy(model.config)
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(
-            config,
-            dtype=model.dtype,
-            attn_implementation=attn_implementation_for(config.model_type),
-        )
+    plain = _meta_copy(model)
     plain.load_state_dict(plain_state(model), strict=True, assign=True)
     # Non-persistent buffers (rotary tables) are not in the state dict.
     for name, buffer in list(plain.named_buffers()):
@@ -353,6 +351,17 @@ def plain_model(model: PreTrainedModel) -> PreTrainedModel:
     plain.tie_weights()
     plain.generation_config = copy.deepcopy(model.generation_config)
     return plain.eval()
+
+
+def _meta_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A model of ``model``'s architecture and dtype with plain linears, on the meta device."""
+    config = copy.deepcopy(model.config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(
+            config,
+            dtype=model.dtype,
+            attn_implementation=attn_implementation_for(config.model_type),
+        )
 
 
 def _owner(key: str, qlinears: Container[str]) -> tuple[str | None, str]:
@@ -399,17 +408,33 @@ def _write_by_block(
     staging: Path,
     fmt: ExportFormat,
     meta: dict[str, Any],
+    compressed: bool,
 ) -> None:
     """A lazy model's export, one shard per block: each block is read from the offload
     folder, written, and freed. The tensors outside the blocks (embeddings, final norm, LM
-    head) go to the first shard. ``meta`` gains the blocks' static activation scales."""
+    head) go to the first shard. ``meta`` gains the blocks' static activation scales.
+    ``compressed``: compressed-tensors' compressors write the blocks (they quantize weights)."""
     residency = adapter.residency
     prefixes = tuple(prefix + "." for prefix in residency.prefixes)
     shards = _shard_names(fmt, len(prefixes))
     packed = fmt is ExportFormat.packed
-    outside_linears = [n for n, _ in quant_linears(model) if not n.startswith(prefixes)]
+    qlinears = dict(quant_linears(model))
+    outside_linears = [n for n in qlinears if not n.startswith(prefixes)]
     if outside_linears:
         raise ValueError(f"quantized linears outside the blocks: {outside_linears}")
+    block_tensors = _packed_tensors if packed else _plain_block_tensors
+    if compressed:
+        # compressed-tensors (and pydantic) load only for this format
+        from cbq.compressed_writer import BlockCompressor
+
+        weight, act = _shared_specs(qlinears)
+        assert weight is not None and act is not None
+        compressor = BlockCompressor(_meta_copy(model), list(qlinears), weight, act)
+
+        def block_tensors(block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+            plain = _plain_copy(block)
+            return compressor.block_tensors(plain, dict(quant_linears(block)), prefix)
+
     outside, tied = _untied(
         {k: t for k, t in model.state_dict().items() if not k.startswith(prefixes)}
     )
@@ -420,13 +445,10 @@ def _write_by_block(
     for index, (prefix, block) in enumerate(zip(prefixes, adapter.blocks(), strict=True)):
         residency.acquire(index)
         try:
-            if packed:
-                tensors = _packed_tensors(block, prefix)
-            else:
-                tensors = {prefix + key: t for key, t in plain_state(block).items()}
+            tensors = block_tensors(block, prefix)
             _save(tensors, staging / shards[index + 1], {"cbq": fmt.value})
-            qlinears = {prefix + name: q for name, q in quant_linears(block)}
-            meta["static_activation_scales"].update(static_scales(qlinears))
+            block_qlinears = {prefix + name: q for name, q in quant_linears(block)}
+            meta["static_activation_scales"].update(static_scales(block_qlinears))
         finally:
             residency.evict(index)
         weight_map.update(dict.fromkeys(tensors, shards[index + 1]))
@@ -436,6 +458,20 @@ def _write_by_block(
         index_file = {"metadata": {"format": "pt"}, "weight_map": weight_map}
         (staging / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
     _save_configs(model, staging)
+    if compressed:
+        meta["compression_format"] = compressor.finish(staging)
+
+
+def _plain_block_tensors(block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + key: t for key, t in plain_state(block).items()}
+
+
+def _plain_copy(block: nn.Module) -> nn.Module:
+    """A copy of ``block`` with plain linears holding the quantized weights."""
+    plain = copy.deepcopy(block)
+    unwrap_block(plain)
+    plain.load_state_dict(plain_state(block))
+    return plain
 
 
 def _save_configs(model: PreTrainedModel, directory: Path) -> None:

@@ -70,11 +70,6 @@ def _lazy_problems(cfg: Config) -> list[str]:
             f"model.lazy: reads a local safetensors checkpoint; model.path {cfg.model.path!r} "
             "is not a local directory (set model.path to one, or to null for a packaged model)"
         )
-    if cfg.export.format is ExportFormat.compressed_tensors:
-        problems.append(
-            "model.lazy: export=compressed_tensors is not written block by block; allowed "
-            "with a lazy model: export=dequantized, export=packed or export=none"
-        )
     if cfg.eval.zeroshot.tasks:
         problems.append("model.lazy: zero-shot evaluation needs the whole model; use zeroshot=none")
     return problems

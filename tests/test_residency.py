@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cbq.cbd import CBDTrainer
@@ -211,6 +212,19 @@ def test_lazy_run_end_to_end(tiny_run, tiny_corpus, tmp_path):
     ]
 
 
+def assert_same_compressed_checkpoint(lazy: Path, eager: Path) -> None:
+    """The same tensors, bit for bit, and the same quantization config."""
+    config = {d: json.loads((d / "config.json").read_text()) for d in (lazy, eager)}
+    assert config[lazy]["quantization_config"] == config[eager]["quantization_config"]
+    got = {k: t for shard in lazy.glob("*.safetensors") for k, t in load_file(shard).items()}
+    want = load_file(eager / "model.safetensors")
+    assert got.keys() == want.keys() and any(
+        k.endswith("weight_packed") or "scale" in k for k in got
+    )
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), key
+
+
 def test_every_method_is_checked_lazily():
     """A new method must join METHODS above: its block loop is what makes it lazy or not."""
     assert set(REGISTERED) - {"fp"} <= set(METHODS)
@@ -223,12 +237,17 @@ def test_lazy_refuses_what_needs_the_whole_model(compose_cfg):
         validate(cfg)
     message = str(error.value)
     assert "model.path 'org/hub-id' is not a local directory" in message
-    assert "export=compressed_tensors is not written block by block" in message
-    assert "export=dequantized, export=packed" in message and "zeroshot=none" in message
+    assert "zeroshot=none" in message and "export" not in message
 
 
 @pytest.mark.parametrize(
-    ("method", "fmt"), [("gptq", ExportFormat.dequantized), ("rtn-static", ExportFormat.packed)]
+    ("method", "fmt"),
+    [
+        ("gptq", ExportFormat.dequantized),
+        ("rtn-static", ExportFormat.packed),
+        ("gptq", ExportFormat.compressed_tensors),
+        ("rtn-static", ExportFormat.compressed_tensors),
+    ],
 )
 def test_lazy_export_is_written_block_by_block_and_equals_the_eager_one(
     saved_tiny_model, tmp_path, method, fmt
@@ -259,5 +278,7 @@ def test_lazy_export_is_written_block_by_block_and_equals_the_eager_one(
     else:
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "lazy" / "out")
         want = AutoModelForCausalLM.from_pretrained(tmp_path / "eager" / "out")
+    if fmt is ExportFormat.compressed_tensors:
+        assert_same_compressed_checkpoint(tmp_path / "lazy" / "out", tmp_path / "eager" / "out")
     ids = tokens(2, seed=5)
     torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=0, atol=1e-5)
