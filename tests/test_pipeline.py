@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from cbq.methods import RunContext, build_method
 from cbq.models import adapter_for, tiny_model
 from cbq.pipeline import QUANTIZED, BlockPipeline
 
+import pipeline_reference
 from helpers import CPU, tokens
 
 W4A8 = QuantConfig(name="w4a8", w_bits=4, a_bits=8)  # static activations: RTN walks the stream
@@ -74,3 +76,16 @@ def test_streams_hold_no_autograd_graph(tmp_path, monkeypatch, method):
     assert any(p.requires_grad for p in model.parameters())
     assert len(streams) == 4
     assert not any(s.requires_grad for s in streams)
+
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "pipeline_reference.json").read_text())
+
+
+@pytest.mark.parametrize("key", sorted(REFERENCE))
+def test_every_method_computes_what_it_did_before_the_shared_windows(key):
+    """Each method on each family (tiny models), against what the code before CBQ's windows
+    moved onto this pipeline computed (``tests/pipeline_reference.py``, commit 33abf31)."""
+    method, family = key.split("/")
+    got, want = pipeline_reference.result(method, family), REFERENCE[key]
+    assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-6)
+    assert got["block_abs_sums"] == pytest.approx(want["block_abs_sums"], rel=1e-7)
