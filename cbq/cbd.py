@@ -262,7 +262,7 @@ class CBDTrainer:
         self, number: int, window: Window, streams: Streams, ctx: BlockContext
     ) -> dict[str, Any]:
         start, end, commit_end = window
-        if self.ctx is None:
+        if self.ctx is None:  # the training steps' batches are method.batch_size, not ctx's
             self.ctx = self.adapter.block_context(self.store.batch(QUANTIZED, torch.arange(1)))
         x_fp = streams.fp
         entering = []
