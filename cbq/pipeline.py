@@ -239,14 +239,15 @@ class BlockPipeline:
         schedule: list[Window] | None = None,
         cache: CacheKind = CacheKind.device,
     ):
-        n_blocks = len(adapter.blocks())
-        self.adapter, self.device, self.batch_size = adapter, device, batch_size
-        self.desc, self.checkpoint, self.fp_stream = desc, checkpoint, fp_stream
-        self.schedule = schedule or window_schedule(n_blocks, 1, 0)
-        streams_folder = checkpoint.streams_folder if checkpoint else Path("streams")
         if cache is CacheKind.disk and checkpoint is None:
             raise ValueError(f"{desc}: cache=disk keeps the streams in the checkpoint folder")
-        self.store = ActivationStore(cache, device, streams_folder)
+        self.adapter, self.device, self.batch_size = adapter, device, batch_size
+        self.desc, self.checkpoint, self.fp_stream = desc, checkpoint, fp_stream
+        self.schedule = schedule or window_schedule(len(adapter.blocks()), 1, 0)
+        # The folder is used only by cache=disk, which has a checkpoint.
+        self.store = ActivationStore(
+            cache, device, checkpoint.streams_folder if checkpoint else Path()
+        )
         self.resumed_at: int | None = None
 
     @property

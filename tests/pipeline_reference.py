@@ -21,7 +21,8 @@ from cbq.eval import perplexity
 from cbq.methods import RunContext, build_method
 from cbq.models import adapter_for, tiny_model
 
-CPU = torch.device("cpu")
+from helpers import CPU, tokens
+
 W3G16 = QuantConfig(name="w3a16g16", w_bits=3, w_granularity="per_group", w_group_size=16)
 W8A8 = QuantConfig(name="w8a8", w_bits=8, a_bits=8)
 METHODS = {
@@ -36,10 +37,6 @@ METHODS = {
 FAMILIES = ("llama", "opt", "gemma3")
 
 
-def ids(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 512, (n, 32), generator=torch.Generator().manual_seed(seed))
-
-
 def result(method: str, family: str) -> dict[str, object]:
     """The perplexity on held-out tokens and the sum of |w| of each block's quantized weights."""
     torch.manual_seed(0)
@@ -48,12 +45,13 @@ def result(method: str, family: str) -> dict[str, object]:
     cfg, quant = METHODS[method]
     with tempfile.TemporaryDirectory() as run_dir:
         context = RunContext(CPU, Path(run_dir), resumable=True)
-        build_method(Config(method=dict(cfg), quant=quant)).quantize(adapter, ids(4, 0), context)
+        method = build_method(Config(method=dict(cfg), quant=quant))
+        method.quantize(adapter, tokens(4, seed=0), context)
     weights = [
         sum(p.detach().abs().double().sum().item() for p in block.parameters())
         for block in adapter.blocks()
     ]
-    return {"ppl": perplexity(adapter, ids(2, 5)), "block_abs_sums": weights}
+    return {"ppl": perplexity(adapter, tokens(2, seed=5)), "block_abs_sums": weights}
 
 
 def compute() -> dict[str, dict[str, object]]:

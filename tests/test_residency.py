@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cbq.cbd import CBDTrainer
-from cbq.config import Config, ConfigError, ExportFormat, QuantConfig
+from cbq.config import Config, ConfigError, ExportFormat
 from cbq.data import evaluation_windows
 from cbq.eval import perplexity
 from cbq.export import META_FILE, export_model, load_packed
@@ -26,19 +26,15 @@ from cbq.pipeline import BlockPipeline
 from cbq.validation import validate
 
 from helpers import CPU, tokens
+from pipeline_reference import METHODS as REFERENCE_METHODS
+from pipeline_reference import W3G16, W8A8
 
-W3G16 = QuantConfig(name="w3a16g16", w_bits=3, w_granularity="per_group", w_group_size=16)
-W8A8 = QuantConfig(name="w8a8", w_bits=8, a_bits=8)
+# The reference's methods (each method's lazy result is checked against its eager one), and
+# those it leaves out.
 METHODS = {
+    **REFERENCE_METHODS,
     "rtn": ({"name": "rtn"}, W3G16),
-    "rtn-static": ({"name": "rtn"}, W8A8),
-    "gptq": ({"name": "gptq"}, W3G16),
-    "cbq": ({"name": "cbq", "iters": 4, "forward_batch": 2}, W3G16),
-    "autoround": ({"name": "autoround", "iters": 4, "batch_size": 2}, W3G16),
-    "awq": ({"name": "awq", "n_grid": 4, "clip_grid": 4}, W3G16),
-    "smoothquant": ({"name": "smoothquant"}, W8A8),
     "osplus": ({"name": "osplus"}, W8A8),
-    "omniquant": ({"name": "omniquant", "epochs": 1}, W3G16),
 }
 
 
