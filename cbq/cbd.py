@@ -461,6 +461,7 @@ class CBDTrainer:
             record["loss_terms_hard"] = initial_terms
             return record
         optimizer = build_optimizer(self.s.knobs.optimizer, groups)
+        optimizer.zero_grad(set_to_none=True)
         scheduler = build_scheduler(optimizer, self.s.knobs.lr_schedule, steps)
         params = [p for group in groups for p in group["params"]]
         tracks_best = self.s.knobs.keep_best and all(r.hard for r in roundings)
@@ -487,9 +488,11 @@ class CBDTrainer:
             )
             if best is not None:
                 best.offer(self._best_score(distance, initial[index]), step)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            # Freed before the next forward pass: a full-rank rounding's gradient is 4 bytes
+            # per weight of the window.
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             self._project(groups, start, end)
             losses.append(value)
@@ -711,7 +714,11 @@ class _BestIterate:
     def offer(self, score: float, step: int) -> None:
         """Called before the step's update: the current variables scored ``score``."""
         if score < self.score:
-            self.score, self.step, self.saved = score, step, self.snapshot()
+            self.score, self.step = score, step
+            if self.saved:  # in place: a second copy of a window's variables is not free
+                _load_values(self.saved, self.params)
+            else:
+                self.saved = self.snapshot()
 
     def snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
@@ -721,9 +728,9 @@ class _BestIterate:
 
 
 @torch.no_grad()
-def _load_values(params: list[nn.Parameter], values: list[torch.Tensor]) -> None:
-    for p, value in zip(params, values, strict=True):
-        p.copy_(value)
+def _load_values(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    for target, value in zip(targets, values, strict=True):
+        target.copy_(value)
 
 
 @contextmanager

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -16,6 +19,8 @@ from cbq.quant import (
     unwrap_block,
     wrap_block,
 )
+from cbq.quant.quantizer import RangeLearning
+from cbq.quant.rounding import AdaRound, LoRARounding
 
 W4 = QuantSpec(bits=4, granularity=Granularity.per_channel)
 A8 = QuantSpec(bits=8, granularity=Granularity.per_tensor)
@@ -111,3 +116,56 @@ def test_failed_observation_leaves_quantizers_uncalibrated():
     with pytest.raises(RuntimeError, match="boom"), observing_activations(block):
         raise RuntimeError("boom")
     assert not block.fc.act_quantizer.observing and not block.fc.act_quantizer.calibrated
+
+
+def _learning_qlinear(rounding_kind: str) -> tuple[QuantLinear, list[torch.Tensor]]:
+    """A 3-bit per-group QuantLinear learning its step sizes and a non-zero rounding."""
+    torch.manual_seed(3)
+    linear = nn.Linear(40, 24)
+    spec = QuantSpec(bits=3, granularity=Granularity.per_group, group_size=16)
+    qlinear = QuantLinear(linear, spec, FP)
+    params = qlinear.weight_quantizer.learn_range(RangeLearning.step, linear.weight)
+    weight = linear.weight
+    qlinear.rounding = AdaRound(weight) if rounding_kind == "adaround" else LoRARounding(weight, 4)
+    with torch.no_grad():
+        for p in qlinear.rounding.parameters():
+            p.normal_(0, 0.3)
+    return qlinear, [*params, *qlinear.rounding.parameters()]
+
+
+@pytest.mark.parametrize("rounding_kind", ["adaround", "lora"])
+def test_backward_recomputes_the_quantized_weight_instead_of_keeping_it(rounding_kind):
+    """The forward pass keeps no copy of the fake-quantized weight alive (a CBQ window's
+    memory, issue #13), and the gradients equal those of the plain linear that keeps it."""
+    qlinear, params = _learning_qlinear(rounding_kind)
+    x = torch.randn(2, 5, 40, requires_grad=True)
+    produced = []
+    quantized_weight = QuantLinear.quantized_weight
+
+    def watched(self: QuantLinear) -> torch.Tensor:
+        weight = quantized_weight(self)
+        produced.append(weakref.ref(weight if weight._base is None else weight._base))
+        return weight
+
+    QuantLinear.quantized_weight = watched  # type: ignore[method-assign]
+    try:
+        output = qlinear(x)
+    finally:
+        QuantLinear.quantized_weight = quantized_weight  # type: ignore[method-assign]
+    gc.collect()
+    assert produced and produced[0]() is None, "the graph still holds the quantized weight"
+    output.square().sum().backward()
+    recomputed = [t.grad.clone() for t in (*params, x)]
+
+    for t in (*params, x):
+        t.grad = None
+    weight = qlinear.quantized_weight()
+    held = weakref.ref(weight._base)
+    kept = nn.functional.linear(x, weight, qlinear.bias)
+    del weight
+    gc.collect()
+    assert held() is not None, "the check above would not see a kept weight"
+    kept.square().sum().backward()
+    assert all(g.abs().sum() > 0 for g in recomputed)
+    for got, want in zip(recomputed, (t.grad for t in (*params, x)), strict=True):
+        assert torch.equal(got, want)

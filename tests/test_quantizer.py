@@ -265,3 +265,18 @@ def test_learnable_weight_scale_reduces_error_with_gradient_steps():
         error().backward()
         optimizer.step()
     assert error().item() < 0.95 * before
+
+
+def test_the_fused_offset_quantizer_keeps_only_its_inputs_for_backward():
+    """Masks and slopes are recomputed in the backward pass, not kept weight-sized from the
+    forward (issue #13): every tensor the graph saves is one of the inputs."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, 16, generator=g)
+    scale = (torch.rand(6, 3, 1, generator=g) + 0.3).requires_grad_(True)
+    zero = torch.full((6, 3, 1), 3.0, requires_grad=True)
+    offset = (torch.rand(6, 3, 16, generator=g) - 0.5).requires_grad_(True)
+    out = offset_fake_quant(x, scale, zero, 7, offset)
+    inputs = {t.untyped_storage().data_ptr() for t in (x, scale, zero, offset)}
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 4
+    assert all(t.untyped_storage().data_ptr() in inputs for t in saved)

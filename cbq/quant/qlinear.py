@@ -7,7 +7,7 @@ writes it into the linear once and for all.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -51,7 +51,25 @@ class QuantLinear(nn.Module):
         x = self.act_quantizer(x)
         if self.act_quantizer.observing:
             return self.linear(x)
-        return nn.functional.linear(x, self.quantized_weight(), self.linear.bias)
+        weight = self.quantized_weight()
+        if not self._recomputes(weight):
+            return nn.functional.linear(x, weight, self.linear.bias)
+        with recomputed_in_backward(weight, self._quantize_again):
+            return nn.functional.linear(x, weight, self.linear.bias)
+
+    def _recomputes(self, weight: torch.Tensor) -> bool:
+        """Whether the backward pass recomputes the fake-quantized weight: only one this
+        wrapper computed (not a stored weight, see :func:`stored_weights`), with a gradient,
+        and outside autocast (where the linear keeps a cast copy, not the weight)."""
+        return (
+            not self.weight_materialized
+            and weight.requires_grad
+            and not torch.is_autocast_enabled(weight.device.type)
+        )
+
+    @torch.no_grad()
+    def _quantize_again(self) -> torch.Tensor:
+        return self.weight_quantizer(self.linear.weight, self.rounding)
 
     @torch.no_grad()
     def materialize(self) -> None:
@@ -75,6 +93,32 @@ class QuantLinear(nn.Module):
             f"w{w.bits} {w.granularity.value}{'' if w.group_size is None else w.group_size}, "
             f"a{a.bits} {a.granularity.value}{' dynamic' if a.dynamic else ''}"
         )
+
+
+@contextmanager
+def recomputed_in_backward(
+    tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]
+) -> Iterator[None]:
+    """Within the block, autograd keeps no copy of ``tensor`` (nor of a view of it) for the
+    backward pass: it calls ``recompute()``, which must return the same values, when it needs
+    them. A linear layer keeps its (fake-quantized) weight for the input's gradient: 4 bytes per
+    weight of a whole CBQ window until the window's backward pass, where recomputing it costs
+    one elementwise pass (issue #13)."""
+
+    storage = tensor.untyped_storage().data_ptr()
+
+    def pack(saved: torch.Tensor) -> torch.Tensor | tuple[torch.Size, tuple[int, ...], int]:
+        if saved.untyped_storage().data_ptr() == storage:
+            return saved.size(), saved.stride(), saved.storage_offset()
+        return saved
+
+    def unpack(packed: torch.Tensor | tuple[torch.Size, tuple[int, ...], int]) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        return recompute().as_strided(*packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 @contextmanager

@@ -104,41 +104,55 @@ class _OffsetFakeQuant(torch.autograd.Function):
 
     The same straight-through gradients as the composition of :func:`round_ste` /
     :func:`fake_quant` (which a test checks), computed in place: autograd's graph of that
-    composition costs more than a SmolLM2 block's matmuls at batch 1 x 256 tokens (README,
-    "Fake-quant overhead")."""
+    composition costs more than a SmolLM2 block's matmuls at batch 1 x 256 tokens (docs,
+    "Fake-quant overhead"). It saves only its inputs and recomputes the range masks and the
+    step-size slope in the backward pass: kept from the forward, they would be 10 bytes per
+    weight for every weight of a CBQ window until its backward pass (issue #13)."""
 
     @staticmethod
     def forward(ctx, x, scale, zero, offset, qmax, bound):
-        zero_int = zero.round()
-        scaled = x / scale
-        codes = scaled.clone() if offset is None else scaled + offset.clamp(-bound, bound)
-        codes.round_().add_(zero_int)
-        outside = (codes < 0).logical_or_(codes > qmax)
-        codes.clamp_(0, qmax).sub_(zero_int)  # q - z
-        out = codes * scale
-        need_scale, need_offset = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        # dQ/ds (LSQ): (q - z) - x/s inside the range, (q - z) outside.
-        step_slope = codes.sub_(scaled.masked_fill_(outside, 0)) if need_scale else None
-        offset_blocked = outside | (offset.abs() > bound) if need_offset else None
-        ctx.save_for_backward(scale, step_slope, outside, offset_blocked)
-        ctx.zero_shape = zero.shape
-        return out
+        codes, _, _ = _offset_codes(x, scale, zero, offset, qmax, bound)
+        ctx.save_for_backward(x, scale, zero, offset)
+        ctx.qmax, ctx.bound = qmax, bound
+        return codes.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        scale, step_slope, outside, offset_blocked = ctx.saved_tensors
+        x, scale, zero, offset = ctx.saved_tensors
         need_x, need_scale, need_zero, need_offset = ctx.needs_input_grad[:4]
         grad_x = grad_scale = grad_zero = grad_offset = None
+        codes, scaled, outside = _offset_codes(x, scale, zero, offset, ctx.qmax, ctx.bound)
         if need_x:
             grad_x = grad.masked_fill(outside, 0)
-        if need_scale:
+        if need_scale:  # dQ/ds (LSQ): (q - z) - x/s inside the range, (q - z) outside.
+            step_slope = codes.sub_(scaled.masked_fill_(outside, 0))
             grad_scale = _sum_to(grad * step_slope, scale.shape)
+        del codes, scaled
         scaled_grad = grad * scale
         if need_zero:  # dQ/dz: -s outside the range
-            grad_zero = _sum_to(-torch.where(outside, scaled_grad, 0), ctx.zero_shape)
+            grad_zero = _sum_to(-torch.where(outside, scaled_grad, 0), zero.shape)
         if need_offset:
+            offset_blocked = outside.logical_or_(offset.abs() > ctx.bound)
             grad_offset = scaled_grad.masked_fill_(offset_blocked, 0)
         return grad_x, grad_scale, grad_zero, grad_offset, None, None
+
+
+def _offset_codes(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    offset: torch.Tensor | None,
+    qmax: int,
+    bound: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q - z, x / s, outside the range)`` with ``q = clamp(round(x/s + clamp(offset)) + z)``."""
+    zero_int = zero.round()
+    scaled = x / scale
+    codes = scaled.clone() if offset is None else scaled + offset.clamp(-bound, bound)
+    codes.round_().add_(zero_int)
+    outside = (codes < 0).logical_or_(codes > qmax)
+    codes.clamp_(0, qmax).sub_(zero_int)
+    return codes, scaled, outside
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
