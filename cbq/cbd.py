@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -306,6 +307,14 @@ class CBDTrainer:
             unpark(self.fp_blocks[index], self._parked_path(index), self.device)
             self.parked.discard(index)
 
+    def _snapshot(self, name: str) -> _Snapshot:
+        """Where a window keeps a copy of its variables: on disk with ``model.lazy`` (a full-rank
+        rounding's copy is 4 bytes per weight of the window), in memory otherwise."""
+        lazy = self.adapter.residency.lazy
+        return _Snapshot(
+            self.checkpoint_folder / "snapshots" / f"{name}.safetensors" if lazy else None
+        )
+
     def _parked_path(self, index: int) -> Path:
         return self.checkpoint_folder / "fp_copies" / f"block_{index}.safetensors"
 
@@ -465,9 +474,9 @@ class CBDTrainer:
         scheduler = build_scheduler(optimizer, self.s.knobs.lr_schedule, steps)
         params = [p for group in groups for p in group["params"]]
         tracks_best = self.s.knobs.keep_best and all(r.hard for r in roundings)
-        best = _BestIterate(params) if tracks_best else None
+        best = _BestIterate(params, self._snapshot("best")) if tracks_best else None
         # keep_best also means never ending a window worse than it started (RTN)
-        start_values = [p.detach().clone() for p in params] if self.s.knobs.keep_best else None
+        at_start = self._snapshot("start").put(params) if self.s.knobs.keep_best else None
         bar = tqdm(
             total=steps,
             desc=f"window {number + 1}/{total} blocks {start}-{end - 1}",
@@ -507,8 +516,8 @@ class CBDTrainer:
             hard, record["best_step"] = self._evaluate(start, end), None
             if best is not None and 0 <= best.step < steps - 1:
                 hard, record["best_step"] = self._keep_best(best, start, end, hard)
-            if start_values is not None and hard.loss > record["loss_init"]:
-                _load_values(params, start_values)
+            if at_start is not None and hard.loss > record["loss_init"]:
+                _load_values(params, at_start.get(self.device))
                 hard, record["best_step"] = Score(record["loss_init"], initial_terms), 0
                 record["reverted_to_start"] = True
             record["loss_hard"], record["loss_terms_hard"] = hard.loss, hard.terms
@@ -529,8 +538,8 @@ class CBDTrainer:
         """Load the best step's variables; under best_rule=relative only when they also score
         better than the last ones on the whole calibration set. Returns the score on the
         calibration set and the step kept (None for the last)."""
-        last = best.snapshot()
-        best.load(best.saved)
+        last = [p.detach().clone() for p in best.params]
+        best.load(best.saved.get(self.device))
         best_score = self._evaluate(start, end)
         if best_score.loss < last_score.loss or self.s.knobs.best_rule is BestRule.batch:
             return best_score, best.step
@@ -704,24 +713,41 @@ class Score:
     terms: dict[str, float]
 
 
+class _Snapshot:
+    """A copy of a list of tensors, in memory or, given a path, on disk until read back."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.values: list[torch.Tensor] = []
+
+    def put(self, tensors: list[nn.Parameter]) -> _Snapshot:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({str(i): t.detach().cpu() for i, t in enumerate(tensors)}, self.path)
+        elif self.values:  # in place: a second copy of a window's variables is not free
+            _load_values(self.values, tensors)
+        else:
+            self.values = [t.detach().clone() for t in tensors]
+        return self
+
+    def get(self, device: torch.device | str) -> list[torch.Tensor]:
+        if self.path is None:
+            return self.values
+        loaded = load_file(self.path, device=str(device))
+        return [loaded[str(i)] for i in range(len(loaded))]
+
+
 class _BestIterate:
     """The variables at the step with the lowest score seen so far (``_best_score``)."""
 
-    def __init__(self, params: list[nn.Parameter]):
-        self.params, self.score, self.step = params, math.inf, -1
-        self.saved: list[torch.Tensor] = []
+    def __init__(self, params: list[nn.Parameter], saved: _Snapshot):
+        self.params, self.saved, self.score, self.step = params, saved, math.inf, -1
 
     def offer(self, score: float, step: int) -> None:
         """Called before the step's update: the current variables scored ``score``."""
         if score < self.score:
             self.score, self.step = score, step
-            if self.saved:  # in place: a second copy of a window's variables is not free
-                _load_values(self.saved, self.params)
-            else:
-                self.saved = self.snapshot()
-
-    def snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.params]
+            self.saved.put(self.params)
 
     def load(self, values: list[torch.Tensor]) -> None:
         _load_values(self.params, values)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from cbq.cbd import CBDTrainer
+from cbq.cbd import CBDTrainer, _Snapshot
 from cbq.config import Config, ConfigError, ExportFormat
 from cbq.data import evaluation_windows
 from cbq.eval import perplexity
@@ -152,21 +152,31 @@ def test_cbq_trains_with_its_fp_copies_on_disk_when_lazy(
     saved_tiny_model, tmp_path, monkeypatch, lazy
 ):
     """A lazy CBQ window's FP copies are needed for its targets only: they are on disk (meta
-    tensors in memory) while it trains, and the result is the eager one (test above). An eager
-    run keeps them in memory."""
+    tensors in memory) while it trains, and so are its copies of its variables (the start and
+    the best iterate); the result is the eager one (test above). An eager run keeps both in
+    memory."""
     directory = saved_tiny_model("llama")
     parked_while_training: list[bool] = []
-    train = CBDTrainer._train
+    snapshots_on_disk: list[bool] = []
+    train, put = CBDTrainer._train, _Snapshot.put
 
     def recording(self, *args):
         copies = [t for block in self.fp_blocks.values() for _, t in block_tensors(block)]
         parked_while_training.append(all(t.is_meta for t in copies))
         return train(self, *args)
 
+    def recording_put(self, tensors):
+        snapshot = put(self, tensors)
+        snapshots_on_disk.append(not self.values and self.path is not None and self.path.exists())
+        return snapshot
+
     monkeypatch.setattr(CBDTrainer, "_train", recording)
+    monkeypatch.setattr(_Snapshot, "put", recording_put)
     adapter = lazy_adapter(directory, tmp_path / "offload") if lazy else eager_adapter(directory)
     quantize(adapter, "cbq", tmp_path / "run")
     assert parked_while_training and set(parked_while_training) == {lazy}
+    assert len(snapshots_on_disk) > len(parked_while_training)  # a start and a best per window
+    assert set(snapshots_on_disk) == {lazy}
 
 
 def test_resident_blocks_do_not_grow_with_depth(tmp_path):
