@@ -11,6 +11,9 @@ library's fake-quantized checkpoint with the project's own perplexity code, thro
 ``cbq.run`` (``method=fp`` on that checkpoint). The results.json it leaves in the run dir
 is then relabelled ``method.name=autoround_lib``, with the library's quantize time and the
 calibration it got, so that ``cbq.report`` puts it beside ``method=autoround``.
+
+``--rope-per-layer`` (Gemma-3) corrects the library's rotary tables, block by block; the record
+is then ``autoround_lib_rope``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 PEER_SCRIPT = ROOT / "benchmarks" / "peers" / "autoround_library.py"
 LABEL = "autoround_lib"
+# Gemma-3 only: the library's block inputs carry the first block's rotary table to every block
+# (benchmarks/peers/autoround_library.py, rope_per_layer); this flag corrects that.
+ROPE_FLAG = "--rope-per-layer"
 
 
 def compose_run(overrides: list[str]):
@@ -51,7 +57,8 @@ def main(argv: list[str]) -> None:
     run_dir = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), ""))
     if not str(run_dir):
         sys.exit("give hydra.run.dir=<dir> (the library's checkpoint and the record go there)")
-    overrides = [a for a in argv if not a.startswith("hydra.")]
+    rope_fix = ROPE_FLAG in argv
+    overrides = [a for a in argv if not a.startswith("hydra.") and a != ROPE_FLAG]
     cfg = validate(compose_run(overrides))
     method = method_config(cfg.method)
     if method.name != "autoround":
@@ -80,7 +87,7 @@ def main(argv: list[str]) -> None:
             "--out", str(model_dir), "--bits", str(quant.bits), "--group-size", str(group),
             "--iters", str(method.iters), "--batch-size", str(method.batch_size),
             "--seed", str(cfg.seed),
-        ] + (["--sym"] if quant.symmetric else []),
+        ] + (["--sym"] if quant.symmetric else []) + ([ROPE_FLAG] if rope_fix else []),
         check=True,
         env=os.environ | {"PYTHONPATH": ""},
     )  # fmt: skip
@@ -89,17 +96,18 @@ def main(argv: list[str]) -> None:
         [*overrides, "method=fp", f"model.path={model_dir}", f"model.name={cfg.model.name}"]
     )
     run(scored, run_dir)
-    relabel(run_dir / "results.json", cfg, method, peer)
+    relabel(run_dir / "results.json", cfg, method, peer, rope_fix)
 
 
-def relabel(path: Path, cfg, method, peer: dict) -> None:
+def relabel(path: Path, cfg, method, peer: dict, rope_fix: bool = False) -> None:
     """The fp-run record of the library's checkpoint, as a record of the library's method."""
     record = ResultRecord.load(path)
     record.config["method"] = {
-        "name": LABEL,
+        "name": LABEL + ("_rope" if rope_fix else ""),
         "iters": method.iters,
         "batch_size": method.batch_size,
         "library": f"{peer['library']}=={peer['version']}",
+        "rope_per_layer": rope_fix,
     }
     record.config["quant"] = OmegaConf.to_container(OmegaConf.structured(cfg.quant))
     record.calibration = calibration_record(cfg, True)
