@@ -5,7 +5,8 @@ tokens, plain and wrapped in QuantLinear at several settings, interleaved round 
 that machine noise hits every variant alike. Reports the median time and the ratio to the
 plain block, with the learnable step sizes receiving gradients as in block reconstruction.
 The last two variants train as CBQ and AutoRound do (log step sizes and a full-rank rounding
-offset): through the fused quantizer (``offset_fake_quant``), and through autograd's
+offset): through the fused quantizer (``offset_fake_quant``), the same with the quantized
+weight kept for the backward pass instead of recomputed there, and through autograd's
 composition of the same straight-through ops, the quantizer before it; and two variants run
 under bf16 autocast (``method.bf16=true``).
 
@@ -88,6 +89,14 @@ def make_variant(
     return variant
 
 
+def keeping_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """The linears keep their fake-quantized weights for the backward pass (as before issue
+    #13) instead of recomputing them there."""
+    for _, qlinear in quant_linears(model):
+        qlinear._recomputes = lambda weight: False
+    return model
+
+
 def time_step(model: torch.nn.Module, hidden: torch.Tensor, bf16: bool = False) -> float:
     adapter = adapter_for(model)
     ctx = adapter.block_context(hidden)
@@ -110,6 +119,9 @@ def main() -> None:
     variants = {"plain block": make_variant(base, None)}
     variants.update({name: make_variant(base, quant) for name, quant in SETTINGS.items()})
     variants["w3a16g128, step + offset, fused"] = make_variant(base, W3G128, AdaRound)
+    variants["w3a16g128, step + offset, fused, weight kept"] = keeping_weights(
+        make_variant(base, W3G128, AdaRound)
+    )
     variants["w3a16g128, step + offset, composed"] = make_variant(base, W3G128, ComposedOffset)
     bf16 = {"plain block, bf16 autocast", "w3a16g128, step + offset, fused, bf16 autocast"}
     variants["plain block, bf16 autocast"] = variants["plain block"]
