@@ -50,8 +50,7 @@ METHOD_OVERRIDES = {
     "gptq": ["method=gptq"],
     "cbq": ["method=cbq", "method.iters=2", "method.forward_batch=4"],
     # LoRA rounding: a window's rounding variables (and their gradients) are low-rank, where
-    # the default's are one per weight; at hidden 2048 / MLP 6912 the default's two-block
-    # window alone needs about 5 GiB.
+    # the default's are one per weight.
     "cbq_lora": ["method=cbq", "rounding=lora", "method.iters=2", "method.forward_batch=4"],
 }
 

@@ -99,11 +99,11 @@ class QuantLinear(nn.Module):
 def recomputed_in_backward(
     tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]
 ) -> Iterator[None]:
-    """Within the block, autograd keeps no copy of ``tensor`` (nor of a view of it) for the
-    backward pass: it calls ``recompute()``, which must return the same values, when it needs
-    them. A linear layer keeps its (fake-quantized) weight for the input's gradient: 4 bytes per
-    weight of a whole CBQ window until the window's backward pass, where recomputing it costs
-    one elementwise pass (issue #13)."""
+    """Inside the ``with`` statement, autograd keeps no copy of ``tensor`` (nor of a view of
+    it) for the backward pass: it calls ``recompute()``, which must return the same values, when
+    it needs them. A linear layer keeps its (fake-quantized) weight for the input's gradient: 4
+    bytes per weight of a whole CBQ window until the window's backward pass, where recomputing
+    it costs one elementwise pass (issue #13)."""
 
     storage = tensor.untyped_storage().data_ptr()
 
