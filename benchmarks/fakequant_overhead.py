@@ -5,8 +5,8 @@ tokens, plain and wrapped in QuantLinear at several settings, interleaved round 
 that machine noise hits every variant alike. Reports the median time and the ratio to the
 plain block, with the learnable step sizes receiving gradients as in block reconstruction.
 The last two variants train as CBQ and AutoRound do (log step sizes and a full-rank rounding
-offset): through the fused quantizer (``offset_fake_quant``), the same with the quantized
-weight kept for the backward pass instead of recomputed there, and through autograd's
+offset): through the fused quantizer (``offset_fake_quant``), the same recomputing in the
+backward pass what it keeps otherwise (``lean_backward``), and through autograd's
 composition of the same straight-through ops, the quantizer before it; and two variants run
 under bf16 autocast (``method.bf16=true``).
 
@@ -89,11 +89,11 @@ def make_variant(
     return variant
 
 
-def keeping_weights(model: torch.nn.Module) -> torch.nn.Module:
-    """The linears keep their fake-quantized weights for the backward pass (as before issue
-    #13) instead of recomputing them there."""
+def lean_backward(model: torch.nn.Module) -> torch.nn.Module:
+    """The backward pass recomputes the fake-quantized weights and the quantizer's masks
+    instead of keeping them (``QuantLinear.lean_backward``, what lazy CBQ runs do)."""
     for _, qlinear in quant_linears(model):
-        qlinear._recomputes = lambda weight: False
+        qlinear.lean_backward = True
     return model
 
 
@@ -119,7 +119,7 @@ def main() -> None:
     variants = {"plain block": make_variant(base, None)}
     variants.update({name: make_variant(base, quant) for name, quant in SETTINGS.items()})
     variants["w3a16g128, step + offset, fused"] = make_variant(base, W3G128, AdaRound)
-    variants["w3a16g128, step + offset, fused, weight kept"] = keeping_weights(
+    variants["w3a16g128, step + offset, fused, lean backward"] = lean_backward(
         make_variant(base, W3G128, AdaRound)
     )
     variants["w3a16g128, step + offset, composed"] = make_variant(base, W3G128, ComposedOffset)

@@ -386,12 +386,17 @@ class CBDTrainer:
         }
 
     def _wrap(self, index: int) -> dict[str, QuantLinear]:
-        return wrap_block(
+        """The block's linears wrapped; with ``model.lazy`` (memory first), their backward
+        passes recompute what a window would otherwise keep per weight (``lean_backward``)."""
+        qlinears = wrap_block(
             self.adapter.blocks()[index],
             self.adapter.linear_names(),
             self.quant.weight_spec(),
             self.quant.act_spec(),
         )
+        for qlinear in qlinears.values():
+            qlinear.lean_backward = self.adapter.residency.lazy
+        return qlinears
 
     def _attach_rounding(self, index: int, qlinears: Iterator[QuantLinear] | Any) -> None:
         """Learned rounding and learned weight ranges for the linears of block ``index``."""

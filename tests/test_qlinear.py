@@ -124,6 +124,7 @@ def _learning_qlinear(rounding_kind: str) -> tuple[QuantLinear, list[torch.Tenso
     linear = nn.Linear(40, 24)
     spec = QuantSpec(bits=3, granularity=Granularity.per_group, group_size=16)
     qlinear = QuantLinear(linear, spec, FP)
+    qlinear.lean_backward = True
     params = qlinear.weight_quantizer.learn_range(RangeLearning.step, linear.weight)
     weight = linear.weight
     qlinear.rounding = AdaRound(weight) if rounding_kind == "adaround" else LoRARounding(weight, 4)
@@ -135,8 +136,9 @@ def _learning_qlinear(rounding_kind: str) -> tuple[QuantLinear, list[torch.Tenso
 
 @pytest.mark.parametrize("rounding_kind", ["adaround", "lora"])
 def test_backward_recomputes_the_quantized_weight_instead_of_keeping_it(rounding_kind):
-    """The forward pass keeps no copy of the fake-quantized weight alive (a CBQ window's
-    memory, issue #13), and the gradients equal those of the plain linear that keeps it."""
+    """With ``lean_backward``, the forward pass keeps no copy of the fake-quantized weight
+    alive (a CBQ window's memory, issue #13), and the gradients equal those of the plain linear
+    that keeps it."""
     qlinear, params = _learning_qlinear(rounding_kind)
     x = torch.randn(2, 5, 40, requires_grad=True)
     produced = []

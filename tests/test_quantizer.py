@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -195,10 +197,11 @@ def composed_offset_fake_quant(x, scale, zero, qmax, offset):
     return fake_quant(x, scale, zero, qmax, offsets)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("param_shape", [(1, 1, 1), (6, 1, 1), (6, 3, 1)])
-def test_the_fused_offset_quantizer_equals_autograd_composition(param_shape):
+def test_the_fused_offset_quantizer_equals_autograd_composition(param_shape, recompute):
     """Values and every gradient (x, step size, zero point, offset), with codes clamped at
-    both ends and offsets beyond +-0.5."""
+    both ends and offsets beyond +-0.5; with the backward pass's masks kept or recomputed."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 3, 16, generator=g) * 3
     scale = (torch.rand(param_shape, generator=g) * 0.5 + 0.3).requires_grad_(True)
@@ -207,7 +210,8 @@ def test_the_fused_offset_quantizer_equals_autograd_composition(param_shape):
     x.requires_grad_(True)
     weights = torch.randn(6, 3, 16, generator=g)
     grads = []
-    for quantize in (offset_fake_quant, composed_offset_fake_quant):
+    fused = functools.partial(offset_fake_quant, recompute=recompute)
+    for quantize in (fused, composed_offset_fake_quant):
         for t in (x, scale, zero, offset):
             t.grad = None
         out = quantize(x, scale, zero, 7, offset)
@@ -267,16 +271,16 @@ def test_learnable_weight_scale_reduces_error_with_gradient_steps():
     assert error().item() < 0.95 * before
 
 
-def test_the_fused_offset_quantizer_keeps_only_its_inputs_for_backward():
-    """Masks and slopes are recomputed in the backward pass, not kept weight-sized from the
-    forward (issue #13): every tensor the graph saves is one of the inputs."""
+def test_the_fused_offset_quantizer_keeps_only_its_inputs_when_it_recomputes():
+    """With ``recompute``, masks and slopes are recomputed in the backward pass, not kept
+    weight-sized from the forward (issue #13): every tensor the graph saves is an input."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(6, 3, 16, generator=g)
     scale = (torch.rand(6, 3, 1, generator=g) + 0.3).requires_grad_(True)
     zero = torch.full((6, 3, 1), 3.0, requires_grad=True)
     offset = (torch.rand(6, 3, 16, generator=g) - 0.5).requires_grad_(True)
-    out = offset_fake_quant(x, scale, zero, 7, offset)
     inputs = {t.untyped_storage().data_ptr() for t in (x, scale, zero, offset)}
-    saved = out.grad_fn.saved_tensors
-    assert len(saved) == 4
-    assert all(t.untyped_storage().data_ptr() in inputs for t in saved)
+    for recompute, kept_beyond_inputs in ((True, 0), (False, 3)):
+        saved = offset_fake_quant(x, scale, zero, 7, offset, recompute=recompute).grad_fn
+        storages = [t.untyped_storage().data_ptr() for t in saved.saved_tensors]
+        assert sum(ptr not in inputs for ptr in storages) == kept_beyond_inputs, recompute

@@ -153,17 +153,19 @@ def test_cbq_trains_with_its_fp_copies_on_disk_when_lazy(
 ):
     """A lazy CBQ window's FP copies are needed for its targets only: they are on disk (meta
     tensors in memory) while it trains, and so are its copies of its variables (the start and
-    the best iterate); the result is the eager one (test above). An eager run keeps both in
-    memory."""
+    the best iterate); its backward passes recompute instead of keeping (``lean_backward``);
+    the result is the eager one (test above). An eager run keeps all of it in memory."""
     directory = saved_tiny_model("llama")
     parked_while_training: list[bool] = []
     snapshots_on_disk: list[bool] = []
     train, put = CBDTrainer._train, _Snapshot.put
 
-    def recording(self, *args):
+    def recording(self, number, total, start, end):
         copies = [t for block in self.fp_blocks.values() for _, t in block_tensors(block)]
         parked_while_training.append(all(t.is_meta for t in copies))
-        return train(self, *args)
+        lean = {q.lean_backward for q in self._qlinears(start, end)}
+        assert lean == {lazy}, "a lazy window's backward passes recompute, an eager one's keep"
+        return train(self, number, total, start, end)
 
     def recording_put(self, tensors):
         snapshot = put(self, tensors)

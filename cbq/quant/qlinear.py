@@ -25,6 +25,10 @@ class QuantLinear(nn.Module):
         # Optional learned rounding (cbq.quant.rounding), mapping W/s to offsets in {0, 1}.
         self.rounding: nn.Module | None = None
         self.weight_materialized = False
+        # Memory over speed in training: the backward pass recomputes the fake-quantized weight
+        # and the quantizer's masks instead of keeping them (14 bytes per weight), at about 30%
+        # of a block's training step (docs/benchmarks.md). CBQ sets it for model.lazy runs.
+        self.lean_backward = False
 
     @property
     def in_features(self) -> int:
@@ -45,7 +49,7 @@ class QuantLinear(nn.Module):
     def quantized_weight(self) -> torch.Tensor:
         if self.weight_materialized:
             return self.linear.weight
-        return self.weight_quantizer(self.linear.weight, self.rounding)
+        return self.weight_quantizer(self.linear.weight, self.rounding, self.lean_backward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act_quantizer(x)
@@ -58,18 +62,20 @@ class QuantLinear(nn.Module):
             return nn.functional.linear(x, weight, self.linear.bias)
 
     def _recomputes(self, weight: torch.Tensor) -> bool:
-        """Whether the backward pass recomputes the fake-quantized weight: only one this
-        wrapper computed (not a stored weight, see :func:`stored_weights`), with a gradient,
-        and outside autocast (where the linear keeps a cast copy, not the weight)."""
+        """Whether the backward pass recomputes the fake-quantized weight: with
+        ``lean_backward``, only one this wrapper computed (not a stored weight, see
+        :func:`stored_weights`), with a gradient, and outside autocast (where the linear keeps a
+        cast copy, not the weight)."""
         return (
-            not self.weight_materialized
+            self.lean_backward
+            and not self.weight_materialized
             and weight.requires_grad
             and not torch.is_autocast_enabled(weight.device.type)
         )
 
     @torch.no_grad()
     def _quantize_again(self) -> torch.Tensor:
-        return self.weight_quantizer(self.linear.weight, self.rounding)
+        return self.quantized_weight()
 
     @torch.no_grad()
     def materialize(self) -> None:

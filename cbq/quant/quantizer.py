@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,36 +106,60 @@ class _OffsetFakeQuant(torch.autograd.Function):
     The same straight-through gradients as the composition of :func:`round_ste` /
     :func:`fake_quant` (which a test checks), computed in place: autograd's graph of that
     composition costs more than a SmolLM2 block's matmuls at batch 1 x 256 tokens (docs,
-    "Fake-quant overhead"). It saves only its inputs and recomputes the range masks and the
-    step-size slope in the backward pass: kept from the forward, they would be 10 bytes per
-    weight for every weight of a CBQ window until its backward pass (issue #13)."""
+    "Fake-quant overhead"). It keeps its range masks and step-size slope for the backward pass
+    (10 bytes per weight), or with ``recompute`` only its inputs, recomputing the rest there:
+    for runs bound by memory, at about 15% of a block's training step (docs/benchmarks.md)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero, offset, qmax, bound):
-        codes, _, _ = _offset_codes(x, scale, zero, offset, qmax, bound)
-        ctx.save_for_backward(x, scale, zero, offset)
-        ctx.qmax, ctx.bound = qmax, bound
-        return codes.mul_(scale)
+    def forward(ctx, x, scale, zero, offset, qmax, bound, recompute):
+        codes, scaled, outside = _offset_codes(x, scale, zero, offset, qmax, bound)
+        ctx.qmax, ctx.bound, ctx.recompute = qmax, bound, recompute
+        if recompute:
+            ctx.save_for_backward(x, scale, zero, offset)
+            return codes.mul_(scale)
+        out = codes * scale
+        ctx.save_for_backward(scale, zero, *_slope_and_masks(ctx, codes, scaled, outside, offset))
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero, offset = ctx.saved_tensors
+        if ctx.recompute:
+            x, scale, zero, offset = ctx.saved_tensors
+            codes, scaled, outside = _offset_codes(x, scale, zero, offset, ctx.qmax, ctx.bound)
+            step_slope, outside, offset_blocked = _slope_and_masks(
+                ctx, codes, scaled, outside, offset
+            )
+            del codes, scaled
+        else:
+            scale, zero, step_slope, outside, offset_blocked = ctx.saved_tensors
         need_x, need_scale, need_zero, need_offset = ctx.needs_input_grad[:4]
         grad_x = grad_scale = grad_zero = grad_offset = None
-        codes, scaled, outside = _offset_codes(x, scale, zero, offset, ctx.qmax, ctx.bound)
         if need_x:
             grad_x = grad.masked_fill(outside, 0)
-        if need_scale:  # dQ/ds (LSQ): (q - z) - x/s inside the range, (q - z) outside.
-            step_slope = codes.sub_(scaled.masked_fill_(outside, 0))
+        if need_scale:
             grad_scale = _sum_to(grad * step_slope, scale.shape)
-        del codes, scaled
         scaled_grad = grad * scale
         if need_zero:  # dQ/dz: -s outside the range
             grad_zero = _sum_to(-torch.where(outside, scaled_grad, 0), zero.shape)
         if need_offset:
-            offset_blocked = outside.logical_or_(offset.abs() > ctx.bound)
             grad_offset = scaled_grad.masked_fill_(offset_blocked, 0)
-        return grad_x, grad_scale, grad_zero, grad_offset, None, None
+        return grad_x, grad_scale, grad_zero, grad_offset, None, None, None
+
+
+def _slope_and_masks(
+    ctx: Any,
+    codes: torch.Tensor,
+    scaled: torch.Tensor,
+    outside: torch.Tensor,
+    offset: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """What the backward pass needs (overwriting ``codes`` and ``scaled``): dQ/ds (LSQ),
+    ``(q - z) - x/s`` inside the range and ``q - z`` outside; the range mask; and where the
+    offset gets no gradient (outside the range, or clamped)."""
+    need_scale, need_offset = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    step_slope = codes.sub_(scaled.masked_fill_(outside, 0)) if need_scale else None
+    offset_blocked = outside | (offset.abs() > ctx.bound) if need_offset else None
+    return step_slope, outside, offset_blocked
 
 
 def _offset_codes(
@@ -168,11 +193,13 @@ def offset_fake_quant(
     qmax: int,
     offset: torch.Tensor | None = None,
     bound: float = OFFSET_BOUND,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """``fake_quant(x, scale, zero, qmax)`` with ``round(x/s + clamp(offset, -bound, bound))``
     in place of ``round(x/s)`` (AutoRound's rounding offset; ``None`` is RTN). ``scale`` and
-    ``zero`` broadcast against ``x`` and keep their own shapes' gradients."""
-    return _OffsetFakeQuant.apply(x, scale, zero, offset, qmax, bound)
+    ``zero`` broadcast against ``x`` and keep their own shapes' gradients. ``recompute`` keeps
+    only the inputs for the backward pass, and recomputes the rest there."""
+    return _OffsetFakeQuant.apply(x, scale, zero, offset, qmax, bound, recompute)
 
 
 def minmax_params(
@@ -322,9 +349,12 @@ class WeightQuantizer(nn.Module):
         rows = grouped.shape[0]
         return grouped.reshape(rows, -1)[:, : weight.numel() // rows].reshape(weight.shape)
 
-    def forward(self, weight: torch.Tensor, rounding: nn.Module | None = None) -> torch.Tensor:
+    def forward(
+        self, weight: torch.Tensor, rounding: nn.Module | None = None, recompute: bool = False
+    ) -> torch.Tensor:
         """Fake-quantized weight; ``rounding`` maps ``W/s`` to offsets in [0, 1] added to
-        ``floor(W/s)`` (learned rounding) instead of rounding to nearest.
+        ``floor(W/s)`` (learned rounding) instead of rounding to nearest. ``recompute``: see
+        :func:`offset_fake_quant`.
 
         Works on the grouped view with broadcast step sizes (no per-element copies of the
         parameters, which roughly halves the wrapping overhead of per-group settings)."""
@@ -337,7 +367,8 @@ class WeightQuantizer(nn.Module):
         additive = getattr(rounding, "additive_offset", None)
         if rounding is None or additive is not None:
             offset = None if rounding is None else self.grouped(additive())
-            quantized = offset_fake_quant(grouped, scale, zero, self.spec.qmax, offset)
+            qmax = self.spec.qmax
+            quantized = offset_fake_quant(grouped, scale, zero, qmax, offset, recompute=recompute)
             return self.ungrouped(quantized, weight)
         scaled = self.ungrouped(grouped / scale, weight)
         offsets = self.grouped(rounding(scaled))
