@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbq.cbd import BestRule, CBDTrainer, Score, TrainerKnobs, TrainerSettings, _BestIterate
+from cbq.cbd import (
+    BestRule,
+    CBDTrainer,
+    Score,
+    TrainerKnobs,
+    TrainerSettings,
+    _BestIterate,
+    _Snapshot,
+)
 from cbq.config import CFPConfig, CFPMode, QuantConfig, RoundingConfig, RoundingKind
 from cbq.models import adapter_for, tiny_model
 from cbq.optim import LRSchedule, SignSGD, schedule_factor
@@ -196,20 +204,26 @@ def test_a_window_never_ends_worse_than_it_started(tmp_path, monkeypatch):
     assert window["rounding_moved"] == 0 and _moved_fraction(stats) == 0
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
 @pytest.mark.parametrize("rule", [BestRule.relative, BestRule.batch])
-def test_the_best_rules(tmp_path, monkeypatch, rule):
+def test_the_best_rules(tmp_path, monkeypatch, rule, on_disk):
     """relative: a batch's loss over the same samples' initial loss, and the best step kept
     only if it beats the last on the whole calibration set; batch (AutoRound's): the raw
-    batch loss, and the best step kept as it is."""
+    batch loss, and the best step kept as it is. The best step's copy is in memory, or on disk
+    (model.lazy)."""
     settings = TrainerSettings(knobs=TrainerKnobs(best_rule=rule))
     trainer = CBDTrainer(
         adapter_for(tiny_model("llama")), W2G16, settings, torch.device("cpu"), tmp_path
     )
     score = trainer._best_score(0.5, torch.tensor([1.0, 3.0]))
     assert score == (0.25 if rule is BestRule.relative else 0.5)
-    variable = torch.nn.Parameter(torch.tensor([1.0]))
-    best = _BestIterate([variable])
-    best.offer(0.1, step=3)
+    variable = torch.nn.Parameter(torch.tensor([0.5]))
+    best = _BestIterate([variable], _Snapshot(tmp_path / "best.safetensors" if on_disk else None))
+    best.offer(0.2, step=1)
+    with torch.no_grad():
+        variable.fill_(1.0)
+    best.offer(0.1, step=3)  # replaces step 1's copy; step 4 scores worse and is not copied
+    best.offer(0.3, step=4)
     with torch.no_grad():
         variable.fill_(2.0)  # the last step's value, which scores 1.0 on the whole set
     best_score = Score(5.0, {"l2": 5.0})  # the best step's, on the whole set
