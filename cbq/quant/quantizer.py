@@ -108,7 +108,8 @@ class _OffsetFakeQuant(torch.autograd.Function):
     composition costs more than a SmolLM2 block's matmuls at batch 1 x 256 tokens (docs,
     "Fake-quant overhead"). It keeps its range masks and step-size slope for the backward pass
     (10 bytes per weight), or with ``recompute`` only its inputs, recomputing the rest there:
-    for runs bound by memory, at about 15% of a block's training step (docs/benchmarks.md)."""
+    for runs bound by memory (``QuantLinear.lean_backward``, which with the weight's own
+    recomputation costs about 1.3x a block's training step, docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, x, scale, zero, offset, qmax, bound, recompute):
