@@ -2,12 +2,12 @@
 
     python -m benchmarks.rounding_slice '[{"rounding": {"kind": "lora"}, "optimizer": "signsgd"}]'
 
-Each JSON object is a set of ``TrainerKnobs`` fields plus ``rounding`` (``RoundingConfig``
-fields). The model is cut to its first ``--blocks`` blocks; CBQ runs on
-``--n-samples`` x ``--seqlen`` calibration tokens of wiki-sample (seed 0; default 16 x 256, the
-preset=cpu calibration) with CFP off, and each try prints its
-hardened window losses, initial losses, share of weights moved and kept steps, one JSON line
-a try; ``--heldout N`` adds the slice's output error on N other calibration-part windows
+Each JSON object is a set of ``TrainerKnobs`` fields plus ``rounding``, ``loss`` and ``window``
+(``RoundingConfig``, ``LossConfig`` and ``WindowConfig`` fields). The model is cut to its first
+``--blocks`` blocks; CBQ runs on ``--n-samples`` x ``--seqlen`` calibration tokens of
+wiki-sample (seed 0; default 16 x 256, the preset=cpu calibration) with CFP off, and each try
+prints its hardened window losses, initial losses, share of weights moved and kept steps, one
+JSON line a try; ``--heldout N`` adds the slice's output error on N other calibration-part windows
 (seed 1). Only calibration data is used: this is where knobs are chosen, never the evaluation
 text (docs/cbq_components.md lists the tries).
 """
@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings
+from cbq.cbd import CBDTrainer, TrainerKnobs, TrainerSettings, WindowConfig
 from cbq.config import CFPConfig, CFPMode, QuantConfig, RoundingConfig
 from cbq.data import calibration_batch
+from cbq.losses import LossConfig, LossKind
 from cbq.models import adapter_for
 from cbq.models.loader import load_model
 
@@ -71,8 +72,13 @@ def main() -> None:
     )
     for knobs in json.loads(args.tries):
         rounding = RoundingConfig(**knobs.pop("rounding", {}))
+        loss, window = knobs.pop("loss", {}), knobs.pop("window", {})
         settings = TrainerSettings(
-            knobs=TrainerKnobs(**knobs), rounding=rounding, cfp=CFPConfig(mode=CFPMode.none)
+            window=WindowConfig(**window),
+            loss=LossConfig(**{**loss, "kind": LossKind(loss.get("kind", LossKind.l2_kl))}),
+            knobs=TrainerKnobs(**knobs),
+            rounding=rounding,
+            cfp=CFPConfig(mode=CFPMode.none),
         )
         model, started = copy.deepcopy(base), time.perf_counter()
         with tempfile.TemporaryDirectory() as run_dir:
@@ -86,6 +92,8 @@ def main() -> None:
                 {
                     **scores,
                     "knobs": knobs,
+                    "loss": loss,
+                    "window": window,
                     "rounding": {"kind": rounding.kind.value, "rank": rounding.rank},
                     "loss_hard": [round(w["loss_hard"], 3) for w in windows],
                     "loss_init": [round(w["loss_init"], 3) for w in windows],
